@@ -147,3 +147,90 @@ def protocol_code(exc: BaseException) -> str:
     if isinstance(exc, EdgeError) and exc.code in PROTOCOL_ERROR_CODES:
         return exc.code
     return "internal"
+
+
+# --- updates (the device side of OTA: signed metadata and artifacts) ---------------
+#
+#   UpdateError              update_failed       (a local I/O failure while verifying)
+#   ├── MetadataUnavailable      metadata_unavailable      server unreachable, HTTP error
+#   ├── MetadataInvalid          metadata_invalid          malformed, oversized, hash mismatch
+#   ├── MetadataExpired          metadata_expired
+#   ├── RollbackAttack           rollback_attack           a version lower than one already seen
+#   ├── BadSignature             bad_signature             signed by no key the root trusts
+#   ├── ThresholdNotMet          threshold_not_met         too few of the trusted keys signed
+#   ├── ClockUnsynced            clock_unsynced            clock before root or known-good time
+#   ├── WrongDevice              wrong_device              director metadata for another device
+#   ├── WrongProfile             wrong_profile             a variant for another profile
+#   ├── DirectorImageMismatch    director_image_mismatch   director and image repo disagree
+#   ├── TargetPathInvalid        target_path_invalid       path traversal or odd characters
+#   └── TargetMismatch           target_mismatch           downloaded bytes of the wrong length/hash
+
+
+class UpdateError(EdgeError):
+    """An update that must not be installed: its metadata or artifact failed verification."""
+
+    code = "update_failed"
+
+
+class MetadataUnavailable(UpdateError):
+    """The update server could not be reached or answered with an HTTP error."""
+
+    code = "metadata_unavailable"
+
+
+class MetadataInvalid(UpdateError):
+    """Metadata that is malformed, too large, or whose hashes do not match."""
+
+    code = "metadata_invalid"
+
+
+class MetadataExpired(UpdateError):
+    code = "metadata_expired"
+
+
+class RollbackAttack(UpdateError):
+    """Metadata with a version lower than one this device has already trusted."""
+
+    code = "rollback_attack"
+
+
+class BadSignature(UpdateError):
+    """Metadata signed by no key that the trusted root names for its role."""
+
+    code = "bad_signature"
+
+
+class ThresholdNotMet(UpdateError):
+    """Metadata signed by some, but fewer than the threshold of, trusted keys."""
+
+    code = "threshold_not_met"
+
+
+class ClockUnsynced(UpdateError):
+    """The device clock is earlier than the trusted root's creation or a known-good time."""
+
+    code = "clock_unsynced"
+
+
+class WrongDevice(UpdateError):
+    code = "wrong_device"
+
+
+class WrongProfile(UpdateError):
+    code = "wrong_profile"
+
+
+class DirectorImageMismatch(UpdateError):
+    """The director names a target the image repository lists differently (or not at all)."""
+
+    code = "director_image_mismatch"
+
+
+class TargetPathInvalid(UpdateError):
+    code = "target_path_invalid"
+
+
+class TargetMismatch(UpdateError):
+    """Downloaded bytes whose length or hashes differ from the verified metadata."""
+
+    code = "target_mismatch"

@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.broker"]
+
 
 def _load_fetch_models():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("fetch_models", REPO / "scripts/fetch_models.py")

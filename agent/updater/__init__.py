@@ -1,0 +1,1 @@
+"""The device side of OTA updates: verification of signed metadata, the update machine."""
