@@ -16,6 +16,7 @@ SIGTERM: stop taking requests, drain within ``lifecycle.drain_timeout_s``, publi
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -282,6 +283,15 @@ class Agent:
         self._status_changed.set()
         return result
 
+    def reload_from_signal(self) -> None:
+        """SIGHUP (``systemctl reload edge-agent``): reload, tell systemd, never raise."""
+        self.notifier.reloading()
+        try:
+            log.info("reload: %s", self.reload())
+        except EdgeError as exc:
+            log.error("reload refused: %s", exc)
+        self.notifier.ready(self._ready_text())
+
     def diagnostics(self) -> dict[str, Any]:
         from agent.doctor import run_doctor
 
@@ -315,6 +325,7 @@ class Agent:
         next_tick = time.monotonic() + interval
         ready_deadline = time.monotonic() + self.config.lifecycle.ready_timeout_s
         ready_sent = False
+        next_extend = time.monotonic() + 10.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_tick:
@@ -325,6 +336,9 @@ class Agent:
                     self._publish_status_if_changed()
                 self._flush_outbox()
             settled = self._models_settled.is_set()
+            if not settled and now >= next_extend:  # a first TensorRT build can take minutes
+                self.notifier.extend_timeout(60.0)
+                next_extend = now + 10.0
             if (
                 not ready_sent
                 and settled
@@ -481,8 +495,13 @@ def run_daemon(config_path: Path, *, profile: str | None = None) -> int:
         log.info("signal %d: shutting down", signum)
         agent.request_stop()
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        threading.Thread(target=agent.reload_from_signal, name="reload", daemon=True).start()
+
+    faulthandler.enable()  # a watchdog SIGABRT prints every thread's stack to the journal
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     agent.start()
     log.info(
         "edge-agent %s on %s (profile %s), %d model(s)",
