@@ -197,9 +197,8 @@ def main() -> int:
         )
         status = wait_ready(port, [m["name"] for m in config["models"]])
         for name, m in status["models"].items():
-            print(
-                f"    {name:<15} {m['state']:<6} {m['version']:<22} {m['format']:<7} {m['provider']}"
-            )
+            row = f"{name:<15} {m['state']:<6} {m['version']:<22} {m['format']:<7}"
+            print(f"    {row} {m['provider']}")
 
         say("4/4 requests over MQTT")
         subprocess.run(
@@ -210,11 +209,10 @@ def main() -> int:
         print()
         print("Try it yourself:")
         print(f"  mosquitto_sub -p {port} -t 'edge/{DEVICE}/#' -v")
-        print(
-            f"  mosquitto_pub -p {port} -t edge/{DEVICE}/infer/text-direction -f {work}/upside-down.png"
-        )
-        print(f"  mosquitto_pub -p {port} -t edge/{DEVICE}/cmd -m "
-              "'{\"id\":\"c1\",\"command\":\"diagnostics\",\"args\":{},\"ts\":\"2026-01-01T00:00:00Z\"}'")  # fmt: skip
+        pub = f"  mosquitto_pub -p {port} -t edge/{DEVICE}"
+        print(f"{pub}/infer/text-direction -f {work}/upside-down.png")
+        cmd = {"id": "c1", "command": "diagnostics", "args": {}, "ts": "2026-01-01T00:00:00Z"}
+        print(f"{pub}/cmd -m '{json.dumps(cmd)}'")
         print(f"  (agent log: {work}/agent.log)")
         if args.once:
             return 0

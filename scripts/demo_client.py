@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.protocol import ErrorReply, decode_response, encode_request  # noqa: E402
+from agent.protocol import ErrorReply, decode_response, encode_request
 
 
 class Client:

