@@ -94,16 +94,39 @@ class ClassificationPostprocessing(_Labelled):
     softmax: bool = False
 
 
+class SsdAnchors(_Strict):
+    """SSD anchors as MediaPipe generates them (``SsdAnchorsCalculator`` with a fixed
+    anchor size), for the ``ssd`` decoder. BlazeFace short range: ``input_size: 128``,
+    ``strides: [8, 16, 16, 16]`` (896 anchors)."""
+
+    input_size: int = Field(ge=1, le=16384)
+    strides: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    #: Anchors per grid cell that each stride adds (2 for MediaPipe's face models).
+    per_stride: int = Field(2, ge=1, le=64)
+    offset: float = Field(0.5, ge=0.0, le=1.0)
+    #: The model output holding ``[1, N, >=4]`` box regressions, and the one with
+    #: ``[1, N, C]`` class logits.
+    boxes_output: str
+    scores_output: str
+    #: Regressions are in pixels of this size (MediaPipe: the input size).
+    box_scale: float = Field(gt=0)
+    #: Scores are logits: apply a sigmoid.
+    sigmoid: bool = True
+
+
 class DetectionPostprocessing(_Labelled):
     """``kind: detection``: decode boxes, drop weak ones, class-aware NMS, map back.
 
     The ``yolo`` decoder reads rows ``[cx, cy, w, h, (objectness,) class scores...]``
     (YOLOv5 with ``objectness: true``; YOLOv8/11 with ``objectness: false``). A model
-    that emits ``[1, 4+C, N]`` (the YOLOv8 export) sets ``transposed: true``.
+    that emits ``[1, 4+C, N]`` (the YOLOv8 export) sets ``transposed: true``. The
+    ``ssd`` decoder reads SSD regressions against generated ``anchors`` (MediaPipe's
+    BlazeFace and similar); its boxes are normalized to the model input.
     """
 
     kind: Literal["detection"]
-    decoder: Literal["yolo"] = "yolo"
+    decoder: Literal["yolo", "ssd"] = "yolo"
+    anchors: SsdAnchors | None = None
     objectness: bool = False
     transposed: bool = False
     box_format: Literal["cxcywh", "xyxy"] = "cxcywh"
@@ -114,6 +137,12 @@ class DetectionPostprocessing(_Labelled):
     max_detections: int = Field(100, ge=1, le=10000)
     #: Suppress overlapping boxes across classes too (default: per class).
     class_agnostic: bool = False
+
+    @model_validator(mode="after")
+    def _anchors_for_ssd(self) -> DetectionPostprocessing:
+        if (self.decoder == "ssd") != (self.anchors is not None):
+            raise ValueError("'anchors' is required by decoder 'ssd', and only by it")
+        return self
 
 
 class RawPostprocessing(_Strict):

@@ -17,6 +17,7 @@ with a better one is above ``iou_threshold``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,13 +47,14 @@ class Candidates:
     num_classes: int
 
 
-def decode_yolo(output: Array, config: DetectionPostprocessing) -> Candidates:
+def decode_yolo(outputs: dict[str, Array], config: DetectionPostprocessing) -> Candidates:
     """Decode one YOLO output (``[1, N, K]``, ``[N, K]``, or ``[1, K, N]`` when
     ``transposed``) into boxes, best class scores and class ids.
 
     Raises:
         InferenceError: the output shape does not fit the config.
     """
+    output = select_output(outputs, config.output, "detection")
     rows = np.asarray(output)
     if rows.ndim == 3:
         if rows.shape[0] != 1:
@@ -82,9 +84,59 @@ def decode_yolo(output: Array, config: DetectionPostprocessing) -> Candidates:
     return Candidates(boxes, scores, class_ids.astype(np.int32), class_scores.shape[1])
 
 
+@functools.lru_cache(maxsize=16)
+def ssd_anchors(input_size: int, strides: tuple[int, ...], per_stride: int, offset: float) -> Array:
+    """``[N, 2]`` anchor centres (normalized) in MediaPipe's order: strides in turn, a
+    stride repeated in a row sharing one grid (its anchors interleaved per cell)."""
+    centres: list[Array] = []
+    i = 0
+    while i < len(strides):
+        stride, repeat = strides[i], 0
+        while i < len(strides) and strides[i] == stride:
+            repeat += 1
+            i += 1
+        cells = -(-input_size // stride)  # ceil
+        ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+        grid = (np.stack([xs, ys], axis=-1).reshape(-1, 2) + offset) / cells
+        centres.append(np.repeat(grid, repeat * per_stride, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+def decode_ssd(outputs: dict[str, Array], config: DetectionPostprocessing) -> Candidates:
+    """Decode SSD regressions (``[cx, cy, w, h, ...]`` offsets in ``box_scale`` units)
+    against the generated anchors into normalized xyxy boxes and class scores.
+
+    Raises:
+        InferenceError: a named output is missing or the anchor count does not match.
+    """
+    a = config.anchors
+    assert a is not None  # checked by the config
+    raw_boxes: Array = select_output(outputs, a.boxes_output, "detection").astype(np.float32)
+    raw_scores: Array = select_output(outputs, a.scores_output, "detection").astype(np.float32)
+    raw_boxes = raw_boxes.reshape(-1, raw_boxes.shape[-1])
+    raw_scores = raw_scores.reshape(raw_boxes.shape[0], -1)
+    anchors = ssd_anchors(a.input_size, tuple(a.strides), a.per_stride, a.offset)
+    if anchors.shape[0] != raw_boxes.shape[0] or raw_boxes.shape[1] < 4:
+        raise InferenceError(
+            f"detection: {raw_boxes.shape[0]} box rows of {raw_boxes.shape[1]} values, "
+            f"but the anchors config gives {anchors.shape[0]} anchors"
+        )
+    centre = raw_boxes[:, 0:2] / a.box_scale + anchors
+    half = raw_boxes[:, 2:4] / a.box_scale / 2
+    boxes = np.concatenate([centre - half, centre + half], axis=1)
+    if a.sigmoid:
+        raw_scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores, -80.0, 80.0)))
+    class_ids = raw_scores.argmax(axis=1)
+    scores = np.take_along_axis(raw_scores, class_ids[:, None], axis=1)[:, 0]
+    return Candidates(boxes, scores, class_ids.astype(np.int32), raw_scores.shape[1])
+
+
+Decoder = Callable[[dict[str, Array], DetectionPostprocessing], Candidates]
+
 #: decoder name -> function. The one registry of box decoders.
-DECODERS: dict[str, Callable[[Array, DetectionPostprocessing], Candidates]] = {
+DECODERS: dict[str, Decoder] = {
     "yolo": decode_yolo,
+    "ssd": decode_ssd,
 }
 
 
@@ -104,7 +156,7 @@ class DetectionPostprocessor:
                 beyond the bundle's labels.
         """
         cfg = self.config
-        cand = self._decode(select_output(outputs, cfg.output, "detection"), cfg)
+        cand = self._decode(outputs, cfg)
         if self.labels is not None and cand.num_classes != len(self.labels):
             raise InferenceError(
                 f"detection: the output has {cand.num_classes} classes but the bundle has "
@@ -116,7 +168,7 @@ class DetectionPostprocessor:
         if scores.size > MAX_CANDIDATES:
             best = np.argpartition(-scores, MAX_CANDIDATES)[:MAX_CANDIDATES]
             boxes, scores, class_ids = boxes[best], scores[best], class_ids[best]
-        if cfg.normalized_boxes and meta is not None:
+        if (cfg.normalized_boxes or cfg.decoder == "ssd") and meta is not None:
             boxes = boxes * np.array([meta.input_width, meta.input_height] * 2, dtype=np.float32)
         chosen = self._nms(boxes, scores, class_ids)
         boxes, scores, class_ids = boxes[chosen], scores[chosen], class_ids[chosen]

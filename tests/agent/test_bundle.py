@@ -262,8 +262,8 @@ GOLDEN_OK = {"inputs": {"image": "g/x.npy"}, "outputs": {"probs": "g/y.npy"}}
             "postprocessing.iou_threshold: Input should be greater than 0",
         ),
         (
-            with_("postprocessing", {"kind": "detection", "decoder": "ssd"}),
-            "postprocessing.decoder: Input should be 'yolo'",
+            with_("postprocessing", {"kind": "detection", "decoder": "retinanet"}),
+            "postprocessing.decoder: Input should be 'yolo' or 'ssd'",
         ),
         (
             with_("postprocessing", {"kind": "raw", "top_k": 3}),
@@ -458,8 +458,10 @@ def test_bundle_is_a_frozen_value(tmp_path: Path) -> None:
 def test_the_examples_in_the_docs_are_valid_manifests() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "bundles.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    assert len(blocks) == 2
-    classifier, detector = (parse_manifest(b) for b in blocks)
+    assert len(blocks) == 3
+    face, classifier, detector = (parse_manifest(b) for b in blocks)
+    assert face.postprocessing is not None and face.postprocessing.kind == "detection"
+    assert face.postprocessing.decoder == "ssd"
     assert (
         classifier.postprocessing is not None and classifier.postprocessing.kind == "classification"
     )
