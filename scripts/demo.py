@@ -118,6 +118,44 @@ def build_text_direction_bundle(models: Path, dest: Path) -> Path:
     return dest
 
 
+FACE_BUNDLE = {
+    "name": "face",
+    "version": "1.0.0",
+    "format": "tflite",
+    "model": "face_detection_short_range.tflite",
+    "description": "MediaPipe BlazeFace (short range) face detector",
+    "preprocessing": {
+        "kind": "image", "width": 128, "height": 128, "resize": "letterbox", "pad_value": 0,
+        "color": "rgb", "scale": 1 / 127.5, "mean": 1.0, "layout": "nhwc",
+    },
+    "postprocessing": {
+        "kind": "detection", "decoder": "ssd", "labels": ["face"], "score_threshold": 0.5,
+        "iou_threshold": 0.3,
+        "anchors": {"input_size": 128, "strides": [8, 16, 16, 16], "boxes_output": "regressors",
+                    "scores_output": "classificators", "box_scale": 128},
+    },
+}  # fmt: skip
+
+
+def build_face_bundle(models: Path, dest: Path) -> Path:
+    """BlazeFace as a bundle: an image in, face boxes (original pixels) out."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(models / "face_detection_short_range.tflite", dest)
+    (dest / "model.yaml").write_text(yaml.safe_dump(FACE_BUNDLE))
+    return dest
+
+
+def face_jpeg(dest: Path) -> Path | None:
+    """A real photo with a face (scikit-image's astronaut, shipped in its wheel)."""
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    bgr = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    dest.write_bytes(cv2.imencode(".jpg", bgr)[1].tobytes())
+    return dest
+
+
 def wait_ready(port: int, models: list[str], timeout: float = 60.0) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
 
@@ -183,7 +221,7 @@ def main() -> int:
             "models": [
                 {"name": "text-direction", "path": str(bundle), "max_batch": 8},
                 {"name": "vad", "path": str(models / "silero_vad.onnx")},
-                {"name": "face", "path": str(models / "face_detection_short_range.tflite")},
+                {"name": "face", "path": str(build_face_bundle(models, work / "face"))},
             ],
         }
         (work / "agent.yaml").write_text(yaml.safe_dump(config))
@@ -203,7 +241,7 @@ def main() -> int:
         say("4/4 requests over MQTT")
         subprocess.run(
             [sys.executable, str(REPO / "scripts" / "demo_client.py"), "--port", str(port),
-             "--device", DEVICE, "--models", str(models)],
+             "--device", DEVICE, "--face", str(face_jpeg(work / "astronaut.jpg") or "")],
             check=True,
         )  # fmt: skip
         print()
@@ -211,6 +249,8 @@ def main() -> int:
         print(f"  mosquitto_sub -p {port} -t 'edge/{DEVICE}/#' -v")
         pub = f"  mosquitto_pub -p {port} -t edge/{DEVICE}"
         print(f"{pub}/infer/text-direction -f {work}/upside-down.png")
+        if (work / "astronaut.jpg").exists():
+            print(f"{pub}/infer/face -f {work}/astronaut.jpg   # prints the face box")
         cmd = {"id": "c1", "command": "diagnostics", "args": {}, "ts": "2026-01-01T00:00:00Z"}
         print(f"{pub}/cmd -m '{json.dumps(cmd)}'")
         print(f"  (agent log: {work}/agent.log)")

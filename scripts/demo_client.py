@@ -78,9 +78,13 @@ def show(what: str, ms: float, reply: object) -> None:
         print(f"    {what:<44} {ms:7.2f} ms  error {reply.code}: {reply.message}")
         return
     detail = ""
-    if reply.result is not None:  # type: ignore[attr-defined]
-        top = reply.result["classes"][0]  # type: ignore[attr-defined]
+    result = reply.result  # type: ignore[attr-defined]
+    if result is not None and "classes" in result:
+        top = result["classes"][0]
         detail = f"-> {top['label']} ({top['score']:.3f})"
+    elif result is not None:
+        boxes = [f"{d['label']} {d['score']:.2f} at {d['box']}" for d in result["detections"]]
+        detail = "-> " + ("; ".join(boxes) or "no detections")
     else:
         name, arr = reply.outputs[0].name, reply.outputs[0].array  # type: ignore[attr-defined]
         detail = f"-> {name} {list(arr.shape)} max {float(arr.max()):.3f}"
@@ -91,7 +95,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", required=True)
-    p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--face", default="", help="a JPEG with a face (optional)")
     args = p.parse_args()
     c = Client(args.port, args.device)
     lines = (("edge fleet rollout", False), ("hello world", True), ("Total amount 19.99", False))
@@ -108,9 +112,18 @@ def main() -> int:
         binary=True,
     )
     show("vad             ETNS binary tensors (quiet noise)", *c.ask("vad", vad))
+    if args.face:
+        jpeg = Path(args.face).read_bytes()
+        show("face            JPEG photo (astronaut, 512x512)", *c.ask("face", jpeg, "image/jpeg"))
+    noise = np.random.default_rng(2).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", noise)[1].tobytes()
+    show("face            PNG of noise (no face)", *c.ask("face", png))
     buf = io.BytesIO()
-    np.save(buf, (rng.random((1, 128, 128, 3), np.float32) * 2 - 1))
-    show("face            .npy [1,128,128,3]", *c.ask("face", buf.getvalue(), "application/x-npy"))
+    np.save(buf, np.zeros((1, 4), np.float32))
+    show(
+        "face            .npy of the wrong shape",
+        *c.ask("face", buf.getvalue(), "application/x-npy"),
+    )
     ask = b'{"id": "r-9", "inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}'
     show("nope            (no such model)", *c.ask("nope", ask))
     c.c.loop_stop()
