@@ -1,0 +1,1 @@
+"""Persistence: the database handle, table mappings, repository functions, migrations."""
