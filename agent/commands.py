@@ -5,10 +5,11 @@ own thread (never on the network thread: ``reload`` loads models). The registry 
 command name to a handler; each handler returns a JSON-able ``result`` or raises an
 :class:`~agent.errors.EdgeError`, whose code and message become the reply's ``error``.
 
-| command       | result                                                             |
-|---------------|--------------------------------------------------------------------|
-| `ping`        | `{"pong": true, "uptime_s": ...}`                                  |
-| `reload`      | re-reads the config file; `{"added", "removed", "reloaded", "unchanged"}` |
+| command       | result                                                               |
+|---------------|----------------------------------------------------------------------|
+| `ping`        | `{"pong": true, "uptime_s": ...}`                                    |
+| `reload`      | re-reads the config file: the models `added`, `removed`, `reloaded`, |
+|               | `unchanged`, and `failed` (name -> error; the old version serves on) |
 | `diagnostics` | what `edge-agent doctor` prints, plus each model's tensors and state |
 """
 

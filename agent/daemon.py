@@ -171,8 +171,11 @@ class Agent:
             self._load_into(mc)
         self._models_settled.set()
 
-    def _load_into(self, mc: ModelConfig) -> bool:
-        """Load ``mc`` and swap it into its slot; on failure the slot keeps what it had."""
+    def _load_into(self, mc: ModelConfig) -> EdgeError | None:
+        """Load ``mc`` and swap it into its slot; on failure the slot keeps what it had.
+
+        Returns the error that stopped the load, or None once the model serves.
+        """
         slot = self.slots[mc.name]
         if slot.model is None:
             slot.status = SlotState("loading")
@@ -192,7 +195,7 @@ class Agent:
             if slot.model is None:
                 slot.status = SlotState("failed", exc.to_dict())
             self._status_changed.set()
-            return False
+            return exc
         model = loaded.model
         for attempt in model.runtime.attempts:
             if not attempt.ok:
@@ -211,7 +214,7 @@ class Agent:
             model.load_ms,
         )
         self._status_changed.set()
-        return True
+        return None
 
     # --- status --------------------------------------------------------------------------
 
@@ -243,6 +246,10 @@ class Agent:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply its ``models`` (hot swap, no restart).
 
+        Returns the model names ``added``, ``removed``, ``reloaded`` and ``unchanged``,
+        and ``failed``: the models that could not be (re)loaded, with their error; a model
+        that failed keeps serving its previous version, if it had one.
+
         Raises:
             ConfigError: the new config is invalid (nothing is changed then).
         """
@@ -252,7 +259,8 @@ class Agent:
         if new.device_id != self.config.device_id or new.mqtt != self.config.mqtt:
             log.warning("reload: device_id and mqtt changes need a restart; they are ignored")
         wanted = {m.name: m for m in new.models}
-        result: dict[str, list[str]] = {"added": [], "removed": [], "reloaded": [], "unchanged": []}
+        result: dict[str, Any] = {"added": [], "removed": [], "reloaded": [], "unchanged": []}
+        failed: dict[str, dict[str, str]] = {}
         for name in list(self.slots):
             if name not in wanted:
                 with self._lock:
@@ -265,20 +273,27 @@ class Agent:
             existing = self.slots.get(name)
             if existing is None:
                 self._add_slot(mc)
-                self._load_into(mc)
                 result["added"].append(name)
-                continue
-            existing.queue_size, existing.max_batch, existing.max_delay_ms = (
-                mc.queue_size,
-                mc.max_batch,
-                mc.max_delay_ms,
-            )
-            before = self._loaded.get(name)
-            if before is not None and before.config.path == mc.path and _same_file(mc.path, before):
-                result["unchanged"].append(name)
-                continue
-            self._load_into(mc)
-            result["reloaded"].append(name)
+            else:
+                existing.queue_size, existing.max_batch, existing.max_delay_ms = (
+                    mc.queue_size,
+                    mc.max_batch,
+                    mc.max_delay_ms,
+                )
+                before = self._loaded.get(name)
+                if (
+                    before is not None
+                    and before.config.path == mc.path
+                    and _same_file(mc.path, before)
+                ):
+                    result["unchanged"].append(name)
+                    continue
+            error = self._load_into(mc)
+            if error is not None:  # the slot keeps serving what it had, if anything
+                failed[name] = error.to_dict()
+            elif existing is not None:
+                result["reloaded"].append(name)
+        result["failed"] = failed
         self.config = new
         self._status_changed.set()
         return result

@@ -10,7 +10,11 @@ topic is known.
 Reply routing (``docs/protocol.md``): the MQTT 5 Response Topic and Correlation Data;
 else the body's ``reply_to`` and ``id``; else ``{prefix}/{device}/infer/{model}/reply``.
 An oversized body is not parsed, so it is answered on the Response Topic or the
-default topic.
+default topic. A reply topic that is one of the device's own topics (status, telemetry,
+update, cmd, an infer topic) is refused with ``bad_request`` on the default topic, so
+that a client cannot make the device publish something that poses as its status or
+events. A request to a model name outside the protocol's alphabet is answered
+``unknown_model`` where the client asked (it has no default reply topic).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from agent.errors import EdgeError, PayloadTooLarge, UnknownModel
+from agent.errors import BadRequest, EdgeError, PayloadTooLarge, UnknownModel
 from agent.protocol import (
     MalformedRequest,
     decode_request,
     default_reply_topic,
     encode_exception,
+    is_control_topic,
+    is_valid_id,
     reply_topic_for,
     request_deadline,
 )
@@ -77,25 +83,31 @@ class Intake:
 
     def _handle(self, msg: Message) -> None:
         model = msg.topic[len(self._base) :]
-        default = default_reply_topic(self.device_id, model, self.prefix)
+        default = (
+            default_reply_topic(self.device_id, model, self.prefix) if is_valid_id(model) else None
+        )
         qos = min(msg.qos, 1)
         try:
             request = decode_request(
                 msg.payload, content_type=msg.content_type, max_bytes=self.max_payload_bytes
             )
         except MalformedRequest as exc:
-            topic = reply_topic_for(msg.response_topic, exc.reply_to, default)
+            topic, _ = self._route(msg, exc.reply_to, default)
             self._refuse(model, topic, exc.request_id, exc, msg)
             return
         except PayloadTooLarge as exc:
-            self._refuse(model, msg.response_topic or default, None, exc, msg)
+            topic, _ = self._route(msg, None, default)
+            self._refuse(model, topic, None, exc, msg)
             return
-        topic = reply_topic_for(msg.response_topic, request.reply_to, default)
+        topic, refusal = self._route(msg, request.reply_to, default)
+        if refusal is not None:
+            self._refuse(model, topic, request.id, refusal, msg)
+            return
         slot = self.slots.get(model)
         if slot is None:
             known = ", ".join(sorted(self.slots)) or "none"
             err = UnknownModel(
-                f"no model {model!r} on device {self.device_id!r} (serving: {known})"
+                f"no model {model[:80]!r} on device {self.device_id!r} (serving: {known})"
             )
             self._refuse(model, topic, request.id, err, msg)
             return
@@ -117,13 +129,27 @@ class Intake:
         except EdgeError as exc:
             self._refuse(model, topic, request.id, exc, msg)
 
+    def _route(
+        self, msg: Message, reply_to: str | None, default: str | None
+    ) -> tuple[str | None, BadRequest | None]:
+        """Where the reply goes (None: nowhere), and the refusal of a reply topic that
+        is one of the device's own topics (then answered on the default topic)."""
+        topic = reply_topic_for(msg.response_topic, reply_to, default or "") or None
+        if topic is not None and is_control_topic(topic, self.device_id, self.prefix):
+            refusal = BadRequest(f"reply topic {topic[:80]!r} is one of the device's own topics")
+            return default, refusal
+        return topic, None
+
     def _refuse(
-        self, model: str, topic: str, request_id: str | None, exc: EdgeError, msg: Message
+        self, model: str, topic: str | None, request_id: str | None, exc: EdgeError, msg: Message
     ) -> None:
         if model in self.slots:
             self.record_refusal(model, exc.code)
         else:  # client-chosen names must not grow the stats registry
             self.record_unrouted(exc.code)
+        if topic is None:
+            log.debug("request on %r refused (%s) with nowhere to answer", msg.topic[:200], exc)
+            return
         self._publish(
             topic, encode_exception(request_id, exc), JSON, msg.correlation_data, min(msg.qos, 1)
         )

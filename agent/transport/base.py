@@ -141,7 +141,7 @@ class Transport(ABC):
         return self._protocol_version
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until connected with every subscription acknowledged; False on timeout."""
+        """Block until connected, re-subscribed (SUBACK in) and the birth sent; False on timeout."""
         return self._ready.wait(timeout)
 
     # --- set-up ---------------------------------------------------------------------

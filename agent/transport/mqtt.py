@@ -326,7 +326,8 @@ class MqttTransport(Transport):
             return
         if refusal is not None:
             self._last_error = f"the broker at {self._where} refused the connection: {refusal}"
-            log.warning("%s", self._last_error)
+            falling_back = self._config.protocol == "auto" and refusal.value == 0x84
+            log.log(logging.INFO if falling_back else logging.WARNING, "%s", self._last_error)
         elif was_connected:
             side = "closed by the broker" if flags.is_disconnect_packet_from_server else "lost"
             self._last_error = f"connection to {self._where} {side}: {reason_code}"
