@@ -101,6 +101,7 @@ class Agent:
             max_payload_bytes=config.limits.max_payload_bytes,
             record_refusal=lambda model, code: self.stats.model(model).record_error(code),
             record_unrouted=self.stats.record_unrouted,
+            record_dropped=self.stats.record_reply_dropped,
         )
         self.commands = CommandRunner(self)
         self.notifier = Notifier.from_env()

@@ -20,6 +20,7 @@ events. A request to a model name outside the protocol's alphabet is answered
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 from agent.errors import BadRequest, EdgeError, PayloadTooLarge, UnknownModel
@@ -38,6 +39,9 @@ from agent.transport import Message, Transport
 
 log = logging.getLogger("agent.intake")
 
+#: At most one "replies are being dropped" warning per this many seconds.
+DROP_LOG_INTERVAL_S = 10.0
+
 #: Records a refusal for a model's telemetry: (model name, error code).
 RecordRefusal = Callable[[str, str], None]
 
@@ -55,6 +59,7 @@ class Intake:
         max_payload_bytes: int,
         record_refusal: RecordRefusal = lambda _m, _c: None,
         record_unrouted: Callable[[str], None] = lambda _c: None,
+        record_dropped: Callable[[], None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.prefix = prefix
@@ -63,6 +68,8 @@ class Intake:
         self.max_payload_bytes = max_payload_bytes
         self.record_refusal = record_refusal
         self.record_unrouted = record_unrouted
+        self.record_dropped = record_dropped
+        self._last_drop_log = 0.0
         self._base = f"{prefix}/{device_id}/infer/"
 
     @property
@@ -170,7 +177,7 @@ class Intake:
         qos: int,
     ) -> None:
         try:
-            self.transport.publish(
+            sent = self.transport.publish(
                 topic,
                 payload,
                 qos=qos,
@@ -179,3 +186,13 @@ class Intake:
             )
         except ValueError as exc:  # an invalid reply topic given by the client
             log.warning("reply to %r not sent: %s", topic[:200], exc)
+            return
+        if not sent:  # the outgoing queue is full, or QoS 0 while disconnected
+            self.record_dropped()
+            now = time.monotonic()
+            if now - self._last_drop_log > DROP_LOG_INTERVAL_S:
+                self._last_drop_log = now
+                log.warning(
+                    "replies are being dropped: the MQTT outgoing queue is full or the broker "
+                    "is unreachable (counted as replies_dropped in telemetry)"
+                )

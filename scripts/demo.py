@@ -60,7 +60,7 @@ def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     conf = work / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "set_tcp_nodelay true\n"
+        "set_tcp_nodelay true\nmax_queued_messages 10000\nmax_inflight_messages 200\n"
         f"log_dest file {work / 'mosquitto.log'}\n"
     )
     proc = subprocess.Popen(

@@ -27,6 +27,9 @@ from agent.protocol.tensors import (
     check_shape,
     dtype_of,
     dumps,
+    dumps_fast,
+    json_data,
+    jsonable,
     load_json_object,
     read_etns,
     split_tensors,
@@ -116,15 +119,15 @@ def encode_response(
                 raise InferenceError(f"output {name!r}: {exc}") from None
             out: dict[str, Any] = {"name": name, "shape": list(wire.shape), "datatype": datatype}
             if not binary:
-                out["data"] = wire.ravel().tolist()
+                out["data"] = json_data(wire)
             described.append(out)
             arrays.append(wire)
         doc["outputs"] = described
     if result is not None:
-        doc["result"] = result
+        doc["result"] = jsonable(result)  # NaN/Inf as strings; small
     doc["provider"] = provider
     doc["timing_ms"] = timing.to_dict()
-    return write_etns(doc, arrays) if binary else dumps(doc)
+    return write_etns(doc, arrays) if binary else dumps_fast(doc)
 
 
 def encode_error(request_id: str | None, code: str, message: str) -> bytes:

@@ -23,6 +23,11 @@ import numpy.typing as npt
 
 from agent.errors import BadRequest
 
+try:  # orjson writes numpy arrays natively; plain json is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a dependency of the agent extra
+    _orjson = None  # type: ignore[assignment]
+
 Array = npt.NDArray[Any]
 
 #: Datatype name -> little-endian numpy dtype.
@@ -303,6 +308,34 @@ def dumps(doc: object) -> bytes:
     except ValueError:  # a non-finite float somewhere: the slow path, only then
         text = json.dumps(jsonable(doc), separators=(",", ":"), allow_nan=False)
     return text.encode()
+
+
+def json_data(array: Array) -> object:
+    """The ``data`` of one output for :func:`dumps_fast`: the flat array itself (orjson
+    writes numpy arrays natively, ~20x faster than ``tolist`` + json), or a list with
+    NaN/Inf as strings when the array holds any (the rare, slow path)."""
+    flat = array.reshape(-1)
+    if _orjson is None or flat.dtype.kind == "b":
+        return jsonable(flat.tolist())
+    if flat.dtype.kind == "f":
+        if flat.dtype == np.float16:
+            flat = flat.astype(np.float32)
+        if not math.isfinite(float(flat.sum(dtype=np.float64))):
+            return jsonable(flat.tolist())
+    return np.ascontiguousarray(flat)
+
+
+def dumps_fast(doc: object) -> bytes:
+    """:func:`dumps` for a document whose arrays came from :func:`json_data` (orjson when
+    installed). Float32 values are written in their shortest float32 form, which reads
+    back to the same float32."""
+    if _orjson is None:
+        return dumps(doc)
+    try:
+        out: bytes = _orjson.dumps(doc, default=_numpy_default, option=_orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:
+        return dumps(doc)
+    return out
 
 
 def load_json_object(payload: bytes | memoryview, what: str) -> dict[str, Any]:

@@ -124,6 +124,9 @@ class TelemetryCollector:
         unrouted = self._stats.unrouted_errors
         if unrouted:
             body["unrouted_errors"] = unrouted
+        dropped = self._stats.replies_dropped
+        if dropped:
+            body["replies_dropped"] = dropped
         if outbox_dropped is not None:
             body["outbox_dropped"] = outbox_dropped
         return dumps(body)

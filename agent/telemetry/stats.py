@@ -111,6 +111,7 @@ class AgentStats:
         self._lock = threading.Lock()
         self._models: dict[str, ModelStats] = {}
         self._unrouted: dict[str, int] = {}
+        self._replies_dropped = 0
 
     def model(self, name: str) -> ModelStats:
         """The stats of model ``name``, created empty on first use."""
@@ -135,6 +136,16 @@ class AgentStats:
         code = _error_code(code)
         with self._lock:
             self._unrouted[code] = self._unrouted.get(code, 0) + 1
+
+    def record_reply_dropped(self) -> None:
+        """Count a reply the transport could not take (its outgoing queue was full)."""
+        with self._lock:
+            self._replies_dropped += 1
+
+    @property
+    def replies_dropped(self) -> int:
+        """Replies dropped since start because the transport's outgoing queue was full."""
+        return self._replies_dropped
 
     @property
     def unrouted_errors(self) -> dict[str, int]:

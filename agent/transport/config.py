@@ -128,7 +128,9 @@ class MqttConfig(_Strict):
     #: The most QoS 1/2 messages held in memory for sending (in flight, or waiting for a
     #: reconnect). Beyond it, ``publish`` returns False. The queue does not survive a
     #: restart: telemetry that must not be lost goes through the on-disk outbox.
-    max_queued_messages: int = Field(1000, ge=1, le=1_000_000)
+    max_queued_messages: int = Field(10_000, ge=1, le=1_000_000)
+    #: QoS 1/2 messages in flight (sent, not yet acknowledged) before paho queues more.
+    max_inflight_messages: int = Field(200, ge=1, le=65_535)
     #: Seconds to wait for the TCP (and TLS) connection to open.
     connect_timeout_s: float = Field(10.0, gt=0, le=300)
     #: Disable Nagle's algorithm on the socket (request/reply latency).

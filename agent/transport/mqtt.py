@@ -193,6 +193,7 @@ class MqttTransport(Transport):
         client.connect_timeout = cfg.connect_timeout_s
         client.reconnect_delay_set(0, 0)  # the transport waits itself, with jitter
         client.max_queued_messages_set(cfg.max_queued_messages)
+        client.max_inflight_messages_set(cfg.max_inflight_messages)
         if cfg.username is not None:
             secret = cfg.password.get_secret_value() if cfg.password is not None else None
             client.username_pw_set(cfg.username, secret)
