@@ -4,6 +4,7 @@
     edge-agent bench MODEL [-n N] [--shape ...]           latency, throughput, load time, RSS
     edge-agent doctor [--profile P] [--json]              hardware, providers, probe per link
     edge-agent run [--config FILE]                        the daemon (see agent.daemon)
+    edge-agent enroll --server URL --token T              join a fleet (see agent.enroll)
 
 Every failure prints ``error: <code>: <sentence>`` and exits non-zero; never a traceback.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -120,6 +122,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(Path(args.config), profile=args.profile)
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll
+
+    token = args.token or os.environ.get("EDGE_AGENT_ENROLL_TOKEN")
+    if not token:
+        raise EdgeError("--token (or $EDGE_AGENT_ENROLL_TOKEN) is required", code="bad_arguments")
+    try:
+        result = enroll(
+            args.server,
+            token,
+            config_path=Path(args.config),
+            device_id=args.device_id,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            profile=args.profile,
+            server_ca=Path(args.server_ca) if args.server_ca else None,
+        )
+    except OSError as exc:
+        raise EdgeError(
+            f"the server enrolled this device but writing failed: {exc}; fix it and enrol "
+            "again with a new token (revoke this device first)",
+            code="write_failed",
+        ) from None
+    print(f"enrolled {result.device_id} (certificate serial {result.serial})")
+    print(f"identity  {result.files['cert'].parent}")
+    print(f"config    {result.config_path}")
+    print(f"broker    {result.broker_url or '-'}")
+    print(f"server    {result.server_url}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="The edge-fleet device agent.")
     p.add_argument("--version", action="version", version=f"edge-agent {agent.__version__}")
@@ -154,6 +188,18 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default="/", help=argparse.SUPPRESS)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_doctor)
+
+    sp = sub.add_parser(
+        "enroll", help="join a fleet: make this device's key, get its certificate and config"
+    )
+    sp.add_argument("--server", required=True, help="the fleet server, e.g. https://fleet:8080")
+    sp.add_argument("--token", help="the single-use enrolment token (or $EDGE_AGENT_ENROLL_TOKEN)")
+    sp.add_argument("--device-id", help="default: the config's, else the host name")
+    sp.add_argument("--config", default="/etc/edge-agent/agent.yaml", help="agent config to update")
+    sp.add_argument("--state-dir", help="default: the config's, else /var/lib/edge-agent")
+    sp.add_argument("--profile", help="device profile to report (default: detected)")
+    sp.add_argument("--server-ca", help="CA file for an https server the system does not trust")
+    sp.set_defaults(func=cmd_enroll)
 
     sp = sub.add_parser("run", help="run the agent daemon (what systemd starts)")
     sp.add_argument("--config", default="/etc/edge-agent/agent.yaml", help="agent config file")

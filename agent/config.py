@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.errors import ConfigError
 from agent.protocol import DEFAULT_PREFIX, check_prefix, is_valid_id
 from agent.transport import MqttConfig
+from agent.updater.config import UpdateConfig
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
@@ -99,6 +100,8 @@ class AgentConfig(_Strict):
     prometheus: PrometheusConfig = PrometheusConfig()
     limits: LimitsConfig = LimitsConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    #: Signed model updates from the fleet server; off when left out.
+    updates: UpdateConfig | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="before")

@@ -23,19 +23,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.commands import CommandRunner
-from agent.config import AgentConfig, ModelConfig, load_config
+from agent.config import AgentConfig, load_config
 from agent.errors import EdgeError
 from agent.intake import Intake
-from agent.loader import load_model
-from agent.profiles import Profile, detect_profile, load_profile, runtime_options
+from agent.model_registry import ModelRegistry
+from agent.profiles import Profile, detect_profile, load_profile
 from agent.protocol import cmd_topic, status_topic, telemetry_topic, utc_now
-from agent.runtimes import format_for_path
-from agent.serving import ModelSlot, SlotState
+from agent.serving import ModelSlot
 from agent.status import build_status, offline_status
 from agent.systemd import Check, Notifier, Watchdog, stuck_worker_check, watchdog_interval
 from agent.telemetry import AgentStats, ModelGauge, Outbox, SystemCollector, TelemetryCollector
@@ -48,12 +46,6 @@ log = logging.getLogger("agent.daemon")
 TICK_S = 0.25
 #: Entries one outbox flush call sends (the default of Outbox.flush).
 OUTBOX_BATCH = 500
-
-
-@dataclass
-class _Loaded:
-    config: ModelConfig
-    digest: str
 
 
 class Agent:
@@ -86,13 +78,23 @@ class Agent:
         self.telemetry = TelemetryCollector(
             self.device_id, SystemCollector(profile, state), self.stats
         )
-        self.slots: dict[str, ModelSlot] = {}
-        self._loaded: dict[str, _Loaded] = {}
-        self._lock = threading.RLock()  # slots and status
         self._stop = threading.Event()
+        #: Set whenever the status may have changed (the updater sets it after a swap).
         self._status_changed = threading.Event()
         self._last_status = b""
+        #: Set once every configured model has loaded or failed (the updater waits on it).
         self._models_settled = threading.Event()
+        self.models = ModelRegistry(
+            profile=profile,
+            work_dir=self.work_dir,
+            cache_dir=self.cache_dir,
+            stats=self.stats,
+            send=self._send_reply,
+            on_change=self._status_changed.set,
+        )
+        #: name -> slot (the registry's dict; the intake and the updater read it).
+        self.slots: dict[str, ModelSlot] = self.models.slots
+        self._lock = self.models.lock
         self.intake = Intake(
             device_id=self.device_id,
             prefix=self.prefix,
@@ -110,6 +112,7 @@ class Agent:
             Watchdog(self.notifier, interval, [self._stuck_check()]) if interval else None
         )
         self._prometheus: Any = None
+        self.updater: Any = None  # agent.updater.Updater when updates are configured
 
     # --- properties ----------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Agent:
         """Connect, subscribe, and start loading models (returns at once)."""
         cfg = self.config
         for mc in cfg.models:
-            self._add_slot(mc)
+            self.models.add(mc)
         self.transport.set_will(self.status_topic, json.dumps(offline_status()).encode())
         self.transport.set_birth(self.status_topic, self._status_payload)
         self.intake.subscribe()
@@ -144,78 +147,18 @@ class Agent:
             )
         self.transport.connect()
         threading.Thread(target=self._load_all, name="model-loader", daemon=True).start()
+        if cfg.updates is not None:
+            from agent.updater.updater import attach_updater
 
-    def _add_slot(self, mc: ModelConfig) -> ModelSlot:
-        stats = self.stats.model(mc.name)
+            self.updater = attach_updater(self)
 
-        def record(ms: float | None, code: str | None) -> None:
-            if code is None and ms is not None:
-                stats.record_ok(ms)
-            else:
-                stats.record_error(code or "internal")
-
-        slot = ModelSlot(
-            name=mc.name,
-            send=self.intake.send,
-            record=record,
-            queue_size=mc.queue_size,
-            max_batch=mc.max_batch,
-            max_delay_ms=mc.max_delay_ms,
-        )
-        slot.start()
-        with self._lock:
-            self.slots[mc.name] = slot
-        return slot
+    def _send_reply(self, job: Any, payload: bytes, content_type: str) -> None:
+        self.intake.send(job, payload, content_type)
 
     def _load_all(self) -> None:
         for mc in list(self.config.models):
-            self._load_into(mc)
+            self.models.load(mc)
         self._models_settled.set()
-
-    def _load_into(self, mc: ModelConfig) -> EdgeError | None:
-        """Load ``mc`` and swap it into its slot; on failure the slot keeps what it had.
-
-        Returns the error that stopped the load, or None once the model serves.
-        """
-        slot = self.slots[mc.name]
-        if slot.model is None:
-            slot.status = SlotState("loading")
-        self._status_changed.set()
-        try:
-            fmt = _format_of(mc.path)
-            options = runtime_options(self.profile, fmt, self.cache_dir)
-            loaded = load_model(
-                mc.path,
-                work_dir=self.work_dir,
-                options=options,
-                name=mc.name,
-                profile=self.profile.name,
-            )
-        except EdgeError as exc:
-            log.error("model %s: %s", mc.name, exc)
-            if slot.model is None:
-                slot.status = SlotState("failed", exc.to_dict())
-            self._status_changed.set()
-            return exc
-        model = loaded.model
-        for attempt in model.runtime.attempts:
-            if not attempt.ok:
-                log.warning("model %s: %s unusable (%s)", mc.name, attempt.provider, attempt.reason)
-        for problem in model_problems_for(model.provider, self.profile):
-            log.warning("model %s: %s", mc.name, problem)
-        old = slot.swap(model)
-        if old is not None:
-            old.close()
-        self._loaded[mc.name] = _Loaded(mc, model.digest)
-        log.info(
-            "model %s %s ready on %s (%.0f ms)",
-            mc.name,
-            model.version,
-            model.provider,
-            model.load_ms,
-        )
-        self._status_changed.set()
-        return None
 
     # --- status --------------------------------------------------------------------------
 
@@ -247,56 +190,19 @@ class Agent:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply its ``models`` (hot swap, no restart).
 
-        Returns the model names ``added``, ``removed``, ``reloaded`` and ``unchanged``,
-        and ``failed``: the models that could not be (re)loaded, with their error; a model
-        that failed keeps serving its previous version, if it had one.
+        Models an OTA update installed keep their installed version unless the config
+        now names another file. See :meth:`ModelRegistry.apply` for the result.
 
         Raises:
             ConfigError: the new config is invalid (nothing is changed then).
         """
         if self.config_path is None:
             raise EdgeError("this agent was not started from a config file", code="bad_request")
-        new = load_config(self.config_path)
+        new = _with_installed(load_config(self.config_path))
         if new.device_id != self.config.device_id or new.mqtt != self.config.mqtt:
             log.warning("reload: device_id and mqtt changes need a restart; they are ignored")
-        wanted = {m.name: m for m in new.models}
-        result: dict[str, Any] = {"added": [], "removed": [], "reloaded": [], "unchanged": []}
-        failed: dict[str, dict[str, str]] = {}
-        for name in list(self.slots):
-            if name not in wanted:
-                with self._lock:
-                    slot = self.slots.pop(name)
-                slot.stop(self.config.lifecycle.drain_timeout_s)
-                slot.close()
-                self._loaded.pop(name, None)
-                result["removed"].append(name)
-        for name, mc in wanted.items():
-            existing = self.slots.get(name)
-            if existing is None:
-                self._add_slot(mc)
-                result["added"].append(name)
-            else:
-                existing.queue_size, existing.max_batch, existing.max_delay_ms = (
-                    mc.queue_size,
-                    mc.max_batch,
-                    mc.max_delay_ms,
-                )
-                before = self._loaded.get(name)
-                if (
-                    before is not None
-                    and before.config.path == mc.path
-                    and _same_file(mc.path, before)
-                ):
-                    result["unchanged"].append(name)
-                    continue
-            error = self._load_into(mc)
-            if error is not None:  # the slot keeps serving what it had, if anything
-                failed[name] = error.to_dict()
-            elif existing is not None:
-                result["reloaded"].append(name)
-        result["failed"] = failed
+        result = self.models.apply(new.models, self.config.lifecycle.drain_timeout_s)
         self.config = new
-        self._status_changed.set()
         return result
 
     def reload_from_signal(self) -> None:
@@ -330,6 +236,7 @@ class Agent:
                 "protocol": self.transport.protocol_version,
             },
             "outbox": {"entries": len(self.outbox), "dropped": self.outbox.dropped_total},
+            "updates": self.updater.describe() if self.updater is not None else None,
             "uptime_s": round(self.uptime_s, 3),
         }
 
@@ -418,10 +325,9 @@ class Agent:
     def shutdown(self) -> None:
         """Drain, publish ``offline``, disconnect, close. Safe to call once after :meth:`run`."""
         self.notifier.stopping()
-        drain = self.config.lifecycle.drain_timeout_s
-        deadline = time.monotonic() + drain
-        for slot in list(self.slots.values()):
-            slot.stop(max(0.0, deadline - time.monotonic()))
+        if self.updater is not None:
+            self.updater.stop()
+        self.models.stop_all(self.config.lifecycle.drain_timeout_s)
         if self.transport.is_connected:
             self._flush_outbox()
         self.transport.publish(
@@ -429,8 +335,7 @@ class Agent:
         )
         self.commands.stop()
         self.transport.disconnect(clean=True)
-        for slot in list(self.slots.values()):
-            slot.close()
+        self.models.close_all()
         if self._prometheus is not None:
             self._prometheus.close()
         self.outbox.close()
@@ -440,40 +345,13 @@ def _busy_since(slot: ModelSlot) -> Callable[[], float | None]:
     return lambda: slot.in_flight_since
 
 
-def model_problems_for(provider: str, profile: Profile) -> list[str]:
-    """A log line when ``provider`` is not the accelerator the profile requires."""
-    from agent.status import accelerated
+def _with_installed(config: AgentConfig) -> AgentConfig:
+    """``config`` with the paths of committed OTA updates in place of the configured ones."""
+    if config.updates is None:
+        return config
+    from agent.updater.installed import with_installed_models
 
-    req = profile.required_accelerator
-    if req and not accelerated(provider, req):
-        return [f"served by {provider}, not the required {' or '.join(req)}: device degraded"]
-    return []
-
-
-def _format_of(path: Path) -> str:
-    from agent.bundle import MANIFEST_NAME, load_manifest
-
-    if path.is_dir():
-        return load_manifest(path / MANIFEST_NAME).format
-    if path.name.lower().endswith((".tar", ".tgz", ".tar.gz")):
-        import tempfile
-
-        from agent.bundle import open_bundle
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return open_bundle(path, Path(tmp)).format
-    return format_for_path(path)
-
-
-def _same_file(path: Path, before: _Loaded) -> bool:
-    from agent.bundle import sha256_file
-
-    try:
-        if path.is_file() and path.suffix in (".onnx", ".tflite", ".ort"):
-            return sha256_file(path) == before.digest
-    except OSError:
-        return False
-    return False
+    return with_installed_models(config)
 
 
 def _without_ts(payload: bytes) -> bytes:
@@ -490,7 +368,7 @@ def build_agent(config_path: Path, *, profile_name: str | None = None) -> Agent:
     """
     from agent.transport.mqtt import MqttTransport
 
-    config = load_config(config_path)
+    config = _with_installed(load_config(config_path))
     name = profile_name or config.profile
     profile = load_profile(name) if name else detect_profile().profile
     return Agent(

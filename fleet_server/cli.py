@@ -3,8 +3,13 @@
     edge-fleet serve [--data-dir D] [--database-url U] [--host H] [--port P] [--mqtt-url M]
     edge-fleet db upgrade|current
     edge-fleet token create --role admin --name ops | list | revoke ID     (local database)
+    edge-fleet keys init --offline-dir D | rotate ROLE --offline-dir D | status   (files)
+    edge-fleet ca init | crl | broker-cert --host H | client-cert NAME             (files)
     edge-fleet device list|show|tag|token|revoke ...                      (API)
     edge-fleet model push BUNDLE --version 1.3.0 [--variant x] | list | show | quantize
+    edge-fleet rollout create --model face@1.3.0 --target site=berlin ... | list | show ID
+        [--watch] | devices ID | pause|resume|abort|rollback ID                (API)
+    edge-fleet device pin DEVICE face@1.2.0 | unpin DEVICE face | pins DEVICE  (API)
 
 API commands read the server URL from ``EDGE_FLEET_URL`` (default http://127.0.0.1:8080)
 and the token from ``EDGE_FLEET_TOKEN`` or ``~/.config/edge-fleet/cli.yaml``. Every error
@@ -17,7 +22,7 @@ import argparse
 import sys
 from datetime import timedelta
 
-from fleet_server import __version__, cli_local, cli_remote
+from fleet_server import __version__, cli_keys, cli_local, cli_remote, cli_rollout
 from fleet_server.cli_output import parse_duration
 from fleet_server.errors import FleetError
 
@@ -43,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--url", help="server URL (default: $EDGE_FLEET_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
     cli_local.register(sub, common, duration)
+    cli_keys.register(sub, common)
     cli_remote.register(sub, common, duration)
+    cli_rollout.register(sub, common, duration)  # after cli_remote: adds device pin
     return parser
 
 

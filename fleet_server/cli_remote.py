@@ -140,6 +140,12 @@ def cmd_device_token(args: argparse.Namespace) -> int:
 def cmd_device_revoke(args: argparse.Namespace) -> int:
     d = client(args).post(f"/api/v1/devices/{args.id}/revoke")
     print(f"{d['id']}: revoked at {d['revoked_at']}")
+    if d["cert_serial"]:
+        print(
+            f"certificate {d['cert_serial']} is in the CRL: reload the broker to refuse it "
+            "(systemctl reload mosquitto)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -88,6 +88,38 @@ class EnrolmentSettings(_Strict):
     #: The server URL devices use for updates (``None``: derived from the request).
     public_url: str | None = None
     max_token_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Broker identities that are not devices (see ``scripts/mosquitto/acl``): a device can
+    #: never enrol under one of these ids, or any id starting with a reserved prefix, since
+    #: its certificate's CN would carry that identity's broker rights.
+    reserved_ids: tuple[str, ...] = ("fleet-server",)
+    reserved_prefixes: tuple[str, ...] = ("app-",)
+
+
+class CaSettings(_Strict):
+    """The device CA's revocation list, as the broker reads it."""
+
+    #: A copy of the CRL for the broker (Mosquitto ``crlfile``), written (mode 0644) at
+    #: start-up, on every revocation and every ``crl_refresh_s``. ``None``: only
+    #: ``{data_dir}/ca/crl.pem`` is written (and that folder is private).
+    crl_file: Path | None = None
+    #: How often the CRL is re-signed; it is valid ``crl_validity_days``, and a broker
+    #: refuses every client once its CRL has expired.
+    crl_refresh_s: float = Field(default=6 * 3600.0, ge=1)
+    crl_validity_days: int = Field(default=7, ge=1, le=365)
+
+
+class TufSettings(_Strict):
+    """Serving and refreshing the signed update metadata."""
+
+    #: How often the image repository's online roles are re-signed when past half-life.
+    refresh_interval_s: float = Field(default=300.0, ge=1)
+    #: When set, ``/tuf/director/{device}/`` answers only requests that carry this header
+    #: with the device id as its value: the CN of the client certificate that a
+    #: TLS-terminating proxy in front of the server verified (nginx:
+    #: ``proxy_set_header X-Client-CN $ssl_client_s_dn_cn``). The proxy must strip the
+    #: header from what clients send. ``None``: director metadata is public (it is signed
+    #: and names the device, so it can be neither forged nor replayed to another device).
+    director_client_cn_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]{1,64}$")
 
 
 class ValidationSettings(_Strict):
@@ -116,6 +148,8 @@ class ServerSettings(_Strict):
     telemetry: TelemetrySettings = TelemetrySettings()
     enrolment: EnrolmentSettings = EnrolmentSettings()
     validation: ValidationSettings = ValidationSettings()
+    ca: CaSettings = CaSettings()
+    tuf: TufSettings = TufSettings()
 
     def resolved_database_url(self) -> str:
         """The database URL to use: the configured one, or SQLite under ``data_dir``."""

@@ -10,7 +10,7 @@ real one. Without a CA the server refuses enrolment with ``ca_unavailable`` (503
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -61,8 +61,10 @@ class Enrolment:
     ca_certificate_pem: str
     broker_url: str | None
     server_url: str | None
-    #: The update trust root (TUF ``root.json``), when the signing side is set up.
+    #: The update trust roots (TUF ``root.json`` of the image repository and of the
+    #: director), when the signing side is set up.
     trust_root: dict[str, Any] | None
+    director_root: dict[str, Any] | None = None
 
 
 def device_id_from_csr(csr_pem: str) -> str:
@@ -99,7 +101,10 @@ class EnrolmentService:
         broker_url: str | None = None,
         server_url: str | None = None,
         trust_root: Callable[[], dict[str, Any] | None] | None = None,
+        director_root: Callable[[], dict[str, Any] | None] | None = None,
         max_ttl: timedelta = timedelta(days=7),
+        reserved_ids: Sequence[str] = ("fleet-server",),
+        reserved_prefixes: Sequence[str] = ("app-",),
     ) -> None:
         self.db = db
         self.ca = ca
@@ -107,7 +112,10 @@ class EnrolmentService:
         self.broker_url = broker_url
         self.server_url = server_url
         self.trust_root = trust_root
+        self.director_root = director_root
         self.max_ttl = max_ttl
+        self.reserved_ids = frozenset(reserved_ids)
+        self.reserved_prefixes = tuple(reserved_prefixes)
 
     def create_token(
         self, *, tags: dict[str, str], ttl: timedelta, actor: str
@@ -139,7 +147,8 @@ class EnrolmentService:
 
         Raises:
             CaUnavailable: no CA is configured (503).
-            ValidationError: a bad CSR (refused by the CA) or oversized facts (422).
+            ValidationError: a bad CSR (refused by the CA), a reserved device id
+                (``device_id_reserved``) or oversized facts (422).
             AuthError: an unknown token (401); TokenExpired: an expired one (401).
             Conflict: the token was used already (``token_used``), or the device is enrolled
                 and not revoked (``device_exists``) (409).
@@ -150,6 +159,11 @@ class EnrolmentService:
         if len(repr(facts)) > MAX_FACTS_BYTES:
             raise ValidationError(f"facts: larger than {MAX_FACTS_BYTES} bytes")
         device_id = device_id_from_csr(csr_pem)
+        if device_id in self.reserved_ids or device_id.startswith(self.reserved_prefixes):
+            raise ValidationError(
+                f"csr_pem: {device_id!r} is reserved for a broker identity that is not a device",
+                code="device_id_reserved",
+            )
         with self.db.write() as session:
             used = tokens.redeem_enrolment_token(session, hash_token(token), device_id=device_id)
             devices.check_enrollable(session, device_id)  # before the CA signs anything
@@ -170,4 +184,5 @@ class EnrolmentService:
             broker_url=self.broker_url,
             server_url=self.server_url or server_url,
             trust_root=self.trust_root() if self.trust_root is not None else None,
+            director_root=self.director_root() if self.director_root is not None else None,
         )

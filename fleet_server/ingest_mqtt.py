@@ -156,6 +156,16 @@ class MqttIngest:
         """Block until subscribed (or ``timeout`` seconds); ``True`` when connected."""
         return self.connected.wait(timeout)
 
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> bool:
+        """Publish on this client's connection (the rollouts' ``desired`` hints);
+        ``False`` when not connected now (the caller keeps the message to retry)."""
+        with self._lock:
+            client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
     # --- paho callbacks (network thread) ---------------------------------------------
 
     def _on_connect(

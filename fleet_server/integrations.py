@@ -1,29 +1,28 @@
-"""Hooks into the signing side: the device CA and the TUF image repository.
+"""Hooks into the signing side: the device CA and the TUF repositories.
 
 Both are optional at run time. Where their files are (relative to the server settings):
 
-* the CA: ``{data_dir}/ca/`` (``ca.key.pem``, ``ca.cert.pem``; ``fleet_server.ca``);
-* the image repository's metadata: ``{tuf_dir}/image/``, its online keys
-  ``{tuf_dir}/keys/image-*.pem`` (``fleet_server.keys``); ``tuf_dir`` defaults to
-  ``{data_dir}/tuf``.
+* the CA: ``{data_dir}/ca/`` (``ca.key.pem``, ``ca.cert.pem``; ``fleet_server.ca``),
+  made by ``edge-fleet ca init``;
+* the repositories' metadata: ``{tuf_dir}/image/`` and ``{tuf_dir}/director/``, their
+  online keys ``{tuf_dir}/keys/{image,director}-*.pem`` (``fleet_server.keys``), made by
+  ``edge-fleet keys init``; ``tuf_dir`` defaults to ``{data_dir}/tuf``.
 
-With no CA, enrolment answers ``ca_unavailable``. With no image repository, releases are
-stored but not signed (the OTA work signs them when it is set up).
+With no CA, enrolment answers ``ca_unavailable``. With no repositories, releases are
+stored but not signed, and ``/tuf/`` answers 404.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fleet_server.ca import CertificateAuthority
 from fleet_server.config import ServerSettings
 from fleet_server.domain import ModelRelease, Variant
-from fleet_server.enrolment import DeviceCA
-from fleet_server.releases import TargetPublisher
+from fleet_server.trust import Repositories, Revocations
 
 log = logging.getLogger("fleet_server")
 
@@ -40,7 +39,7 @@ def tuf_dir(settings: ServerSettings) -> Path:
     return settings.tuf_dir or settings.data_dir / "tuf"
 
 
-def load_ca(settings: ServerSettings) -> DeviceCA | None:
+def load_ca(settings: ServerSettings) -> CertificateAuthority | None:
     """The device CA, or ``None`` when none was initialised.
 
     Raises:
@@ -49,8 +48,6 @@ def load_ca(settings: ServerSettings) -> DeviceCA | None:
     folder = ca_dir(settings)
     if not (folder / "ca.key.pem").exists():
         return None
-    from fleet_server.ca import CertificateAuthority
-
     return CertificateAuthority.load(folder)
 
 
@@ -75,8 +72,8 @@ def compatible_profiles(manifest: dict[str, Any]) -> tuple[str, ...]:
 class TufPublisher:
     """Signs each published variant into the image repository."""
 
-    def __init__(self, repo: Any) -> None:
-        self.repo = repo
+    def __init__(self, repositories: Repositories) -> None:
+        self.repositories = repositories
 
     def publish(self, release: ModelRelease, variant: Variant) -> None:
         """Add the variant as a signed target.
@@ -96,30 +93,27 @@ class TufPublisher:
             min_agent_version=manifest.get("min_agent_version"),
         )
         path = target_path(release.name, release.version, variant.variant, variant.filename)
-        self.repo.add_target(path, variant.size, {"sha256": variant.sha256}, custom)
+        self.repositories.image.add_target(path, variant.size, {"sha256": variant.sha256}, custom)
 
 
-def load_publisher(
-    settings: ServerSettings,
-) -> tuple[TargetPublisher | None, Callable[[], dict[str, Any] | None] | None]:
-    """The TUF publisher and the trust-root reader, or ``(None, None)`` when the image
-    repository was not created.
+def load_repositories(settings: ServerSettings) -> Repositories | None:
+    """The TUF repositories, or None when ``edge-fleet keys init`` has not created them.
 
     Raises:
         ConfigError: the repository exists but its online keys cannot be loaded.
     """
     base = tuf_dir(settings)
-    if not (base / "image" / "root.json").exists():
-        return None, None
-    from fleet_server.keys import load_online_signers
-    from fleet_server.tuf import ImageRepository, LocalFolderStore
+    if not Repositories.present(base):
+        return None
+    return Repositories(base)
 
-    repo = ImageRepository(
-        LocalFolderStore(base / "image"), load_online_signers(base / "keys", "image")
+
+def load_revocations(
+    settings: ServerSettings, ca: CertificateAuthority | None
+) -> Revocations | None:
+    """The CRL publisher of ``ca`` (None without a CA)."""
+    if ca is None:
+        return None
+    return Revocations(
+        ca, crl_file=settings.ca.crl_file, validity_days=settings.ca.crl_validity_days
     )
-
-    def trust_root() -> dict[str, Any] | None:
-        root: dict[str, Any] = json.loads(repo.root_bytes())
-        return root
-
-    return TufPublisher(repo), trust_root

@@ -1,17 +1,17 @@
 """Wiring: build the services from the settings, and run the background work.
 
 ``build_services`` creates the database handle, the artifact store, the validator, the
-enrolment service (with the CA when ``fleet_server.ca`` is set up) and the release
-service (with the TUF publisher when ``fleet_server.tuf`` is set up). ``Background``
-runs the ingest (when ``mqtt.url`` is set) and the periodic retention, and is what the
-app's lifespan starts and stops.
+enrolment service (with the CA when ``edge-fleet ca init`` made one) and the release
+service (with the TUF publisher when ``edge-fleet keys init`` made the repositories).
+``Background`` runs the ingest (when ``mqtt.url`` is set), the periodic retention and
+the signing upkeep, and is what the app's lifespan starts and stops.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -27,8 +27,15 @@ from fleet_server.enrolment import EnrolmentService
 from fleet_server.errors import FleetError
 from fleet_server.ingest import IngestService
 from fleet_server.ingest_mqtt import MqttIngest
-from fleet_server.integrations import load_ca, load_publisher
+from fleet_server.integrations import (
+    TufPublisher,
+    load_ca,
+    load_repositories,
+    load_revocations,
+)
 from fleet_server.releases import ReleaseService
+from fleet_server.rollouts.engine import RolloutEngine
+from fleet_server.rollouts.hints import MqttHintPublisher
 from fleet_server.store import migrate
 from fleet_server.store.engine import Database
 from fleet_server.store.timeseries import downsample
@@ -52,16 +59,22 @@ def build_services(settings: ServerSettings, *, db: Database | None = None) -> S
     )
     t = settings.telemetry
     stale_after = timedelta(seconds=t.interval_s * t.stale_after_intervals)
-    publisher, trust_root = load_publisher(settings)
+    repositories = load_repositories(settings)
+    ca = load_ca(settings)
+    enrol = settings.enrolment
     enrolment = EnrolmentService(
         db,
-        ca=load_ca(settings),
+        ca=ca,
         stale_after=stale_after,
-        broker_url=settings.enrolment.broker_url or settings.mqtt.url,
-        server_url=settings.enrolment.public_url,
-        trust_root=trust_root,
-        max_ttl=timedelta(seconds=settings.enrolment.max_token_ttl_s),
+        broker_url=enrol.broker_url or settings.mqtt.url,
+        server_url=enrol.public_url,
+        trust_root=repositories.image_root if repositories else None,
+        director_root=repositories.director_root if repositories else None,
+        max_ttl=timedelta(seconds=enrol.max_token_ttl_s),
+        reserved_ids=enrol.reserved_ids,
+        reserved_prefixes=enrol.reserved_prefixes,
     )
+    publisher = TufPublisher(repositories) if repositories else None
     releases = ReleaseService(db, artifacts, validator, publisher=publisher)
     ingest = None
     if settings.mqtt.url is not None:
@@ -73,6 +86,8 @@ def build_services(settings: ServerSettings, *, db: Database | None = None) -> S
         releases=releases,
         enrolment=enrolment,
         ingest=ingest,
+        repositories=repositories,
+        revocations=load_revocations(settings, ca),
     )
 
 
@@ -97,33 +112,71 @@ def run_retention(db: Database, settings: ServerSettings) -> dict[str, Any]:
 
 
 class Background:
-    """The ingest writer, the MQTT client and the retention timer of one replica."""
+    """The background work of one replica: the ingest writer and MQTT client, the
+    time-series retention, and the signing upkeep (image metadata re-signed at half-life,
+    the CRL re-signed and copied for the broker)."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.mqtt: MqttIngest | None = None
         self._stop = threading.Event()
-        self._retention: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start the ingest (if configured) and the retention timer."""
+        """Start the ingest (if configured) and the timers."""
         svc = self.services
         if svc.ingest is not None:
             svc.ingest.start()
             self.mqtt = MqttIngest(svc.settings.mqtt, svc.ingest)
             self.mqtt.start()
         self._stop.clear()
-        self._retention = threading.Thread(target=self._retain, name="fleet-retention", daemon=True)
-        self._retention.start()
+        s = svc.settings
+        jobs: list[tuple[str, float, Callable[[], object]]] = [
+            ("retention", s.telemetry.maintenance_interval_s, self._retain)
+        ]
+        if svc.repositories is not None:
+            jobs.append(("tuf-refresh", s.tuf.refresh_interval_s, self._refresh_metadata))
+        if svc.revocations is not None:
+            jobs.append(("crl", s.ca.crl_refresh_s, svc.revocations.publish))
+        engine = self._rollout_engine()
+        jobs.append(("rollouts", engine.settings.interval_s, engine.tick))
+        for name, interval, job in jobs:
+            thread = threading.Thread(
+                target=self._every, args=(name, interval, job), name=f"fleet-{name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
 
-    def _retain(self) -> None:
-        interval = self.services.settings.telemetry.maintenance_interval_s
+    def _every(self, name: str, interval: float, job: Callable[[], object]) -> None:
         while not self._stop.wait(interval):
             try:
-                done = run_retention(self.services.db, self.services.settings)
-                log.info("retention: %s", done)
+                done = job()
+                log.debug("%s: %s", name, done)
             except FleetError as exc:
-                log.warning("retention skipped: %s", exc)
+                log.warning("%s skipped: %s", name, exc)
+
+    def _rollout_engine(self) -> RolloutEngine:
+        """The rollout reconciler; its ``desired`` hints go out on the ingest's MQTT
+        connection (without one they wait in the database's outbox)."""
+        prefix = self.services.settings.mqtt.topic_prefix
+        publisher = MqttHintPublisher(self.mqtt, prefix) if self.mqtt is not None else None
+        return RolloutEngine(self.services.db, publisher=publisher)
+
+    def _retain(self) -> dict[str, Any]:
+        return run_retention(self.services.db, self.services.settings)
+
+    def _refresh_metadata(self) -> object:
+        repositories = self.services.repositories
+        assert repositories is not None
+        result = repositories.refresh()
+        if result.resigned:
+            log.info("image metadata re-signed: %s", ", ".join(result.resigned))
+        left = result.root_expires - utcnow()
+        if left < timedelta(days=30):
+            log.warning(
+                "the TUF roots expire in %d days: renew them with the offline keys", left.days
+            )
+        return result
 
     def stop(self) -> None:
         """Stop the MQTT client first, then write what the ingest queued."""
@@ -136,17 +189,21 @@ class Background:
 
 
 def build_app(settings: ServerSettings, *, apply_migrations: bool = True) -> FastAPI:
-    """The full server app: migrations applied, background work tied to the lifespan.
+    """The full server app: migrations applied, the CRL published, background work tied
+    to the lifespan.
 
     Raises:
         StoreUnavailable: the database cannot be reached to migrate it.
-        StoreError, ArtifactError, ConfigError: see :func:`build_services`.
+        StoreError, ArtifactError, ConfigError: see :func:`build_services`; ConfigError
+            also when the CRL cannot be written to ``ca.crl_file``.
     """
     services = build_services(settings)
     if apply_migrations:
         before, after = migrate.upgrade(services.db)
         if before != after:
             log.info("database migrated from %s to %s", before or "empty", after)
+    if services.revocations is not None:
+        services.revocations.publish()  # a broker started after the server finds a fresh CRL
     background = Background(services)
 
     @asynccontextmanager
@@ -158,4 +215,5 @@ def build_app(settings: ServerSettings, *, apply_migrations: bool = True) -> Fas
             background.stop()
             services.db.dispose()
 
-    return create_app(services, lifespan=lifespan)
+    app = create_app(services, lifespan=lifespan)
+    return app

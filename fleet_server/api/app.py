@@ -17,7 +17,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 import fleet_server
-from fleet_server.api import audit, devices, enrol, health, models, tokens
+from fleet_server.api import (
+    artifacts,
+    audit,
+    devices,
+    enrol,
+    health,
+    models,
+    rollouts,
+    tokens,
+    tuf,
+)
 from fleet_server.api.deps import Services
 from fleet_server.errors import FleetError
 from fleet_server.store.engine import translate
@@ -85,6 +95,7 @@ def create_app(
     app.add_exception_handler(FleetError, _fleet_error)
     app.add_exception_handler(DBAPIError, _db_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for module in (health, devices, enrol, models, tokens, audit):
+    for module in (health, devices, enrol, models, tokens, audit, tuf, artifacts, rollouts):
         app.include_router(module.router)
+    app.include_router(rollouts.pins)
     return app

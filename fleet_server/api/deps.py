@@ -17,6 +17,7 @@ from fleet_server.enrolment import EnrolmentService
 from fleet_server.ingest import IngestService
 from fleet_server.releases import ReleaseService
 from fleet_server.store.engine import Database
+from fleet_server.trust import Repositories, Revocations
 
 
 @dataclass
@@ -29,6 +30,10 @@ class Services:
     releases: ReleaseService
     enrolment: EnrolmentService
     ingest: IngestService | None = None
+    #: The TUF image repository and director (None until ``edge-fleet keys init``).
+    repositories: Repositories | None = None
+    #: Certificate revocation and the broker's CRL (None until ``edge-fleet ca init``).
+    revocations: Revocations | None = None
 
     @property
     def stale_after(self) -> timedelta:

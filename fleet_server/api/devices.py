@@ -97,12 +97,16 @@ def tag_device(device_id: str, change: TagChange, svc: ServicesDep, who: Operato
 
 @router.post("/{device_id}/revoke", response_model=DeviceOut, summary="Revoke a device")
 def revoke_device(device_id: str, svc: ServicesDep, who: Operator) -> DeviceOut:
-    """Mark the device revoked: its MQTT messages are dropped from then on (audited).
-    Revoking its certificate at the broker is the CA's side."""
+    """Mark the device revoked (audited): its MQTT messages are dropped, its director
+    metadata refused, and its certificate added to the CRL that the broker reads (copied
+    to ``ca.crl_file``; the broker applies it when it reloads). Idempotent."""
     with svc.db.write() as session:
         device = devices.revoke_device(
             session, device_id, actor=who.actor, stale_after=svc.stale_after
         )
+        if device.cert_serial and svc.revocations is not None:
+            # before the commit: if the CRL cannot be written, the device stays unrevoked
+            svc.revocations.revoke(device.cert_serial)
     return DeviceOut.of(device)
 
 

@@ -175,7 +175,12 @@ class EnrolOut(BaseModel):
     ca_certificate_pem: str
     broker_url: str | None
     server_url: str | None
-    trust_root: dict[str, Any] | None
+    trust_root: dict[str, Any] | None = Field(
+        description="the image repository's root.json (the device's update trust anchor)"
+    )
+    director_root: dict[str, Any] | None = Field(
+        default=None, description="the director's root.json (the second trust anchor)"
+    )
 
 
 # --- API tokens ----------------------------------------------------------------------

@@ -304,6 +304,9 @@ def enrol_device(
     profile = facts.get("profile")
     if isinstance(profile, str) and row.profile is None:
         row.profile = profile[:128]
+    version = facts.get("agent_version")
+    if isinstance(version, str) and row.agent_version is None:
+        row.agent_version = version[:64]
     session.flush()
     for key, value in tags.items():
         session.merge(DeviceTagRow(device_id=device_id, key=key, value=value))

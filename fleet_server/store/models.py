@@ -121,6 +121,9 @@ class DesiredModelRow(Base):
     variant: Mapped[str] = mapped_column(String(64))
     revision: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(Ts)
+    #: The rollout that assigned it (``None``: a pin, or a version a rollback restored
+    #: that no rollout had assigned).
+    rollout_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ReleaseRow(Base):
@@ -272,3 +275,7 @@ class UpdateEventRow(Base):
         Index(None, "device_id", "id"),
         Index(None, "rollout_id", "id"),
     )
+
+
+# The rollout tables share this metadata (migrations and tests see every table).
+from fleet_server.store import rollout_models as _rollout_models  # noqa: E402, F401

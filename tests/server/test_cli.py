@@ -23,6 +23,7 @@ from fleet_server.api import create_app
 from fleet_server.cli import main
 from fleet_server.domain import ReportedModel, Role, utcnow
 from fleet_server.server import build_services
+from fleet_server.store import migrate
 from fleet_server.store.device_reports import StatusReport, apply_batch
 from fleet_server.store.engine import Database
 from tests.broker import Mosquitto, probe
@@ -59,7 +60,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_local_token_and_db_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     code, out, _ = run(capsys, "db", "upgrade", *data)
-    assert code == 0 and out.startswith("database at 0001 (was empty)")
+    assert code == 0 and out.startswith(f"database at {migrate.head()} (was empty)")
     code, out, err = run(capsys, "token", "create", "--role", "admin", "--name", "ops", *data)
     token = out.strip()
     assert code == 0 and token.startswith("eft_") and "shown only once" in err
@@ -75,7 +76,7 @@ def test_local_token_and_db_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = run(capsys, "token", "revoke", "9", *data)
     assert code == 1 and err == "error: not_found: no API token with id 9\n"
     code, out, _ = run(capsys, "db", "current", *data)
-    assert out.strip() == "0001 (newest: 0001)"
+    assert out.strip() == f"{migrate.head()} (newest: {migrate.head()})"
     with pytest.raises(SystemExit) as exit_:
         main(["token", "create", "--role", "admin", "--name", "x", "--expires", "soon", *data])
     assert exit_.value.code == 2
