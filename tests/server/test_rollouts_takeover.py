@@ -136,6 +136,10 @@ def test_two_engines_ticking_at_once_never_double_advance(db: Database) -> None:
     updated: set[str] = set()
     deadline = time.monotonic() + 30
     try:
+        # Both engines must be in the race before devices answer: SQLite serialises
+        # writers, so one engine can otherwise finish the rollout before the other ticks.
+        while min(ticks) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
         while time.monotonic() < deadline:
             states = fleet.states(ro.id)
             if set(states.values()) == {"committed"}:
