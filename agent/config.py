@@ -46,6 +46,9 @@ class ModelConfig(_Strict):
     max_batch: int = Field(1, ge=1, le=1024)
     #: How long the worker waits to fill a micro-batch once it holds one request.
     max_delay_ms: float = Field(2.0, ge=0, le=1000)
+    #: Run requests on the MQTT thread itself while the model is idle and its recent
+    #: inferences took less than this many ms (0: always use the worker thread).
+    inline_below_ms: float = Field(3.0, ge=0, le=100)
 
     @field_validator("name")
     @classmethod

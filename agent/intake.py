@@ -132,7 +132,8 @@ class Intake:
             qos=qos,
         )
         try:
-            slot.submit(job)
+            if not slot.try_inline(job):
+                slot.submit(job)
         except EdgeError as exc:
             self._refuse(model, topic, request.id, exc, msg)
 

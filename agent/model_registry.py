@@ -76,6 +76,7 @@ class ModelRegistry:
             queue_size=mc.queue_size,
             max_batch=mc.max_batch,
             max_delay_ms=mc.max_delay_ms,
+            inline_below_ms=mc.inline_below_ms,
         )
         slot.start()
         with self.lock:
@@ -159,6 +160,7 @@ class ModelRegistry:
                 existing.queue_size = mc.queue_size
                 existing.max_batch = mc.max_batch
                 existing.max_delay_ms = mc.max_delay_ms
+                existing.inline_below_ms = mc.inline_below_ms
                 if self._unchanged(mc):
                     result["unchanged"].append(name)
                     continue

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from fleet_server.api import Services, create_app
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.config import ServerSettings
+from fleet_server.dashboard import mount_dashboard
 from fleet_server.domain import utcnow
 from fleet_server.enrolment import EnrolmentService
 from fleet_server.errors import FleetError
@@ -216,4 +217,5 @@ def build_app(settings: ServerSettings, *, apply_migrations: bool = True) -> Fas
             services.db.dispose()
 
     app = create_app(services, lifespan=lifespan)
+    mount_dashboard(app)  # the dashboard's pages at /
     return app

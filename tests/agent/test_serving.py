@@ -325,3 +325,31 @@ def _digest(path: Path) -> str:
     from agent.bundle import sha256_file
 
     return sha256_file(path)
+
+
+def test_fast_idle_models_run_inline_on_the_calling_thread(
+    slot: ModelSlot, replies: Replies, affine: ServedModel
+) -> None:
+    model, runtime = gated(affine)
+    slot.swap(model)
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    assert not slot.try_inline(job("first", x))  # no timing yet: the worker runs it
+    slot.submit(job("first", x))
+    replies.take(1)
+    caller = threading.get_ident()
+    ran_on: list[int] = []
+    slot.send = lambda j, p, c: (ran_on.append(threading.get_ident()), replies.send(j, p, c))  # type: ignore[assignment,func-returns-value]
+    assert slot.try_inline(job("inline", x))  # answered before try_inline returns
+    np.testing.assert_array_equal(outputs(replies.take(1)["inline"]), x @ W + B)
+    assert ran_on == [caller]
+    # A busy worker, micro-batching, or a slow model: the job goes to the queue instead.
+    runtime.hold()
+    slot.submit(job("held", x))
+    runtime.wait_entered()
+    assert not slot.try_inline(job("while-busy", x))
+    runtime.gate.set()
+    replies.take(1)
+    slot.max_batch = 8
+    assert not slot.try_inline(job("batching", x))
+    slot.max_batch, slot.inline_below_ms = 1, 0.0
+    assert not slot.try_inline(job("off", x))
