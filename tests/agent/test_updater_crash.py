@@ -126,7 +126,21 @@ class Device:
             self.events.append(self.client.expect(topic, left).json())
 
     def folded(self) -> list[str]:
-        states = [e["state"] for e in self.events]
+        """The states reported, in order, without re-sends.
+
+        Delivery is at least once: a process killed during an outbox flush sends again,
+        after the restart, the events it had not yet deleted (byte-identical, with their
+        original ``ts``). Those are dropped here (the server ignores them: a device's state in
+        a rollout never moves backwards); then repeats
+        of one state (each start reports the state it found) fold into one.
+        """
+        seen: set[tuple[str, str]] = set()
+        states = []
+        for e in self.events:
+            key = (e["ts"], e["state"])
+            if key not in seen:
+                seen.add(key)
+                states.append(e["state"])
         return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def infer(self) -> list[float]:
