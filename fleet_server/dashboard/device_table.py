@@ -21,7 +21,12 @@ from sqlalchemy.orm import Session
 from fleet_server.domain import Device, as_utc, utcnow
 from fleet_server.errors import ValidationError
 from fleet_server.store.cursor import decode, encode
-from fleet_server.store.devices import _COLUMNS, DeviceFilter, _conditions, _to_domain
+from fleet_server.store.devices import (
+    DEVICE_COLUMNS,
+    DeviceFilter,
+    devices_from_rows,
+    filter_conditions,
+)
 from fleet_server.store.models import DeviceModelRow, DeviceRow
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -106,7 +111,7 @@ def list_page(
         ValidationError: a cursor is malformed (``bad_cursor``).
     """
     now = as_utc(now or utcnow())
-    conds = _conditions(query.flt, now - stale_after)
+    conds = filter_conditions(query.flt, now - stale_after)
     if query.search:
         conds.append(_search(query.search))
     total = int(session.scalar(select(func.count()).select_from(DeviceRow).where(*conds)) or 0)
@@ -115,7 +120,7 @@ def list_page(
     backwards = query.before is not None
     # walking backwards reads the reversed order, then flips the page
     reverse = query.descending != backwards
-    stmt = select(*_COLUMNS, expr.label("sort_value")).where(*conds)
+    stmt = select(*DEVICE_COLUMNS, expr.label("sort_value")).where(*conds)
     cursor = query.before if backwards else query.after
     if cursor is not None:
         value, device_id = _parse_key(query.sort, cursor)
@@ -128,7 +133,7 @@ def list_page(
     rows = rows[: query.limit]
     if backwards:
         rows.reverse()
-    items = _to_domain(session, rows, now, stale_after)
+    items = devices_from_rows(session, rows, now, stale_after)
     first = _key_of(query.sort, rows[0]) if rows else None
     last = _key_of(query.sort, rows[-1]) if rows else None
     if backwards:

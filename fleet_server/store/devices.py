@@ -53,7 +53,7 @@ def _state_condition(state: DeviceState, threshold: datetime) -> ColumnElement[b
     return col == state.value
 
 
-def _conditions(flt: DeviceFilter, threshold: datetime) -> list[ColumnElement[bool]]:
+def filter_conditions(flt: DeviceFilter, threshold: datetime) -> list[ColumnElement[bool]]:
     conds: list[ColumnElement[bool]] = []
     for key, value in sorted(flt.tags.items()):
         tag = and_(DeviceTagRow.device_id == DeviceRow.id, DeviceTagRow.key == key)
@@ -78,7 +78,7 @@ def _conditions(flt: DeviceFilter, threshold: datetime) -> list[ColumnElement[bo
 
 
 #: What a device listing reads (not the last status document, which can be large).
-_COLUMNS = (
+DEVICE_COLUMNS = (
     DeviceRow.id,
     DeviceRow.reported_state,
     DeviceRow.profile,
@@ -96,10 +96,10 @@ def _opt(value: datetime | None) -> datetime | None:
     return as_utc(value) if value is not None else None
 
 
-def _to_domain(
+def devices_from_rows(
     session: Session, rows: Sequence[Row[Any]], now: datetime, stale_after: timedelta
 ) -> list[Device]:
-    """Devices from ``_COLUMNS`` rows, with their tags, reported and desired models (three
+    """Devices from ``DEVICE_COLUMNS`` rows, with their tags, reported and desired models (three
     more queries for the whole page, plain tuples: no ORM objects on the hot path)."""
     ids = [r.id for r in rows]
     tags: dict[str, dict[str, str]] = defaultdict(dict)
@@ -159,13 +159,13 @@ def list_devices(
         ValidationError: the cursor is malformed.
     """
     now = as_utc(now or utcnow())
-    stmt = select(*_COLUMNS).where(*_conditions(flt, now - stale_after))
+    stmt = select(*DEVICE_COLUMNS).where(*filter_conditions(flt, now - stale_after))
     if cursor is not None:
         stmt = stmt.where(DeviceRow.id > decode(cursor))
     rows = list(session.execute(stmt.order_by(DeviceRow.id).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    items = _to_domain(session, rows, now, stale_after)
+    items = devices_from_rows(session, rows, now, stale_after)
     return Page(items, encode(rows[-1].id) if more and rows else None)
 
 
@@ -177,10 +177,10 @@ def get_device(
     Raises:
         NotFound: no device has this id.
     """
-    row = session.execute(select(*_COLUMNS).where(DeviceRow.id == device_id)).first()
+    row = session.execute(select(*DEVICE_COLUMNS).where(DeviceRow.id == device_id)).first()
     if row is None:
         raise NotFound(f"no device {device_id!r}")
-    return _to_domain(session, [row], as_utc(now or utcnow()), stale_after)[0]
+    return devices_from_rows(session, [row], as_utc(now or utcnow()), stale_after)[0]
 
 
 def picture(device: Device) -> dict[str, Any]:
