@@ -3,6 +3,8 @@
 Emulation is far slower than native, so the agent starts once per session and every test asks
 it something, over the session's real Mosquitto. Its models: ``tests/arm64/emulated_agent.py``.
 The config names no profile, so the agent detects one, on what the emulated process sees.
+Its ``updates:`` section points at ``arm64_fleet``, a real fleet HTTP server with signed TUF
+metadata (``tests/agent/updater_rig.py``) that assigns nothing until a test says so.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import pytest
 
 from tests.agent.agent_process import AgentProcess, wait_settled, write_config
 from tests.agent.daemon_client import MqttClient
+from tests.agent.updater_rig import Fleet
 from tests.arm64.emulated_agent import (
     DEVICE,
     READY_TIMEOUT_S,
     TELEMETRY_INTERVAL_S,
     EmulatedAgent,
     arm64_models,
+    update_section,
 )
 from tests.arm64.emulator import Arm64Unavailable, Emulator, build_root, stage_source
 from tests.broker import Mosquitto
@@ -38,9 +42,18 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Emulator:
 
 
 @pytest.fixture(scope="session")
+def arm64_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The emulated agent's fleet server: real keys, signed metadata, artifacts over HTTP."""
+    fleet = Fleet.create(tmp_path_factory.mktemp("arm64-fleet"))
+    yield fleet
+    fleet.http.close()
+
+
+@pytest.fixture(scope="session")
 def emulated_agent(
     emulator: Emulator,
     mosquitto: Mosquitto,
+    arm64_fleet: Fleet,
     models_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EmulatedAgent]:
@@ -55,6 +68,7 @@ def emulated_agent(
         device_id=DEVICE,
         profile=None,  # detected by the emulated process
         telemetry={"interval_s": TELEMETRY_INTERVAL_S},
+        updates=update_section(arm64_fleet),
     )
     log_path = folder / "agent.log"
     watcher = MqttClient(mosquitto.port)
