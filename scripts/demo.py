@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
-"""The local demo: a broker, an edge agent serving real models, and a client talking to it.
+"""The one-command demo: a small fleet on this machine, updated by a canary rollout.
 
-Run it through ``scripts/demo`` (which installs what is missing first). It:
-1. runs ``edge-agent infer`` once on a real model, locally;
-2. starts Mosquitto on a free local port with its own config (not the system's);
-3. builds a bundle of PP-OCR's text-direction classifier (image in, label out);
-4. starts ``edge-agent run`` with that bundle, silero VAD and MediaPipe BlazeFace;
-5. sends requests over MQTT (an image, a .npy array, binary tensors) and prints replies;
-6. prints one-liners to try by hand, and keeps running until Ctrl-C (or ``--once``).
+Run it through ``scripts/demo`` (which installs what is missing first). In a fresh temp dir:
 
-Ctrl-C stops everything it started; nothing is left running.
+1. the fleet server's signing keys (the root keys go to an "offline" folder), its device CA,
+   and an admin API token: the dashboard's login token;
+2. a broker: Mosquitto on a free port, or amqtt (MQTT 3.1.1) where Mosquitto is missing;
+3. ``edge-fleet serve``: SQLite, local artifacts, the MQTT ingest, the dashboard at ``/``;
+4. three agents with simulated profiles (generic-x86_64, raspberry-pi-5, jetson-orin, set
+   in their configs), enrolled with ``edge-agent enroll``, serving the real text-direction
+   (ONNX) and face (TFLite) bundles. The Jetson reports ``degraded``: this machine has no
+   TensorRT or CUDA, so its models fell back to the CPU, and the status says so;
+5. release v1 (text-direction 1.0.0, what the devices run) pushed and rolled out;
+6. a canary rollout of v2 (text-direction 2.0.0, waves ``1,100%``), followed to the end;
+7. requests over MQTT; then the dashboard URL, the login token and one-liners to try.
+
+It then runs until Ctrl-C (``--once``: exits after step 7), stops everything it started and
+checks that nothing is left running. ``--devices N`` adds N simulated devices
+(``scripts/simulate-fleet``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,249 +32,293 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from demo_bundles import face_bundle, face_jpeg, text_direction_bundle, text_png  # noqa: E402
+from demo_fleet import (  # noqa: E402
+    VENV_BIN,
+    Broker,
+    DemoError,
+    Processes,
+    edge_fleet,
+    enroll,
+    free_port,
+    start_broker,
+)
 from fetch_models import cache_root, fetch  # noqa: E402
 
-DEVICE = "demo-cam-01"
+#: (device id, the profile its config sets)
+DEVICES = [
+    ("cam-x86", "generic-x86_64"),
+    ("cam-pi5", "raspberry-pi-5"),
+    ("cam-orin", "jetson-orin"),
+]
+SIMULATOR = REPO / "scripts" / "simulate-fleet"
 
 
 def say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m", flush=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        sys.exit("demo: mosquitto is not installed (scripts/setup installs it with apt-get)")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "set_tcp_nodelay true\nmax_queued_messages 10000\nmax_inflight_messages 200\n"
-        f"log_dest file {work / 'mosquitto.log'}\n"
-    )
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        time.sleep(0.05)
-    proc.kill()
-    sys.exit("demo: mosquitto did not start (see mosquitto.log)")
+def shell(cmd: str, output: str = "") -> None:
+    """Show a command as typed, and what it printed."""
+    print(f"    $ {cmd}")
+    for line in output.strip().splitlines():
+        print(f"      {line}")
 
 
-def text_image(text: str, upside_down: bool = False) -> bytes:
-    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_DUPLEX, 1.2, 2)
-    img = np.full((h + base + 20, w + 20, 3), 255, np.uint8)
-    cv2.putText(img, text, (10, h + 10), cv2.FONT_HERSHEY_DUPLEX, 1.2, (0, 0, 0), 2, cv2.LINE_AA)
-    if upside_down:
-        img = cv2.rotate(img, cv2.ROTATE_180)
-    ok, png = cv2.imencode(".png", img)
-    assert ok
-    return png.tobytes()
+class Demo:
+    """The demo's state: the work dir, its processes, the server and the broker."""
 
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.procs = Processes(work / "logs")
+        self.data = work / "fleet-data"
+        self.port = args.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = ""
+        self.broker: Broker | None = None
 
-def build_text_direction_bundle(models: Path, dest: Path) -> Path:
-    """PP-OCR's classifier as a bundle: PNG/JPEG in, ``0°``/``180°`` out, with a golden vector."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(models / "ppocr_cls.onnx", dest / "model.onnx")
-    (dest / "upright.png").write_bytes(text_image("edge fleet 2026"))
-    manifest = {
-        "name": "text-direction",
-        "version": "1.0.0",
-        "format": "onnx",
-        "model": "model.onnx",
-        "description": "PP-OCR mobile v2 text-line direction classifier (0 or 180 degrees)",
-        "preprocessing": {
-            "kind": "image",
-            "width": 192,
-            "height": 48,
-            "resize": "letterbox",
-            "pad_value": 128,
-            "color": "rgb",
-            "scale": 1 / 255,
-            "mean": 0.5,
-            "std": 0.5,
-            "layout": "nchw",
-        },
-        "postprocessing": {"kind": "classification", "top_k": 2, "labels": ["0°", "180°"]},
-        "golden": [{"name": "upright", "image": "upright.png", "top_label": "0°"}],
-    }
-    (dest / "model.yaml").write_text(yaml.safe_dump(manifest, allow_unicode=True))
-    return dest
+    def api(self, path: str, **params: Any) -> Any:
+        """``GET /api/v1{path}`` with the admin token."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        r = httpx.get(f"{self.url}/api/v1{path}", params=params, headers=headers, timeout=10)
+        r.raise_for_status()
+        return r.json()
 
-
-FACE_BUNDLE = {
-    "name": "face",
-    "version": "1.0.0",
-    "format": "tflite",
-    "model": "face_detection_short_range.tflite",
-    "description": "MediaPipe BlazeFace (short range) face detector",
-    "preprocessing": {
-        "kind": "image", "width": 128, "height": 128, "resize": "letterbox", "pad_value": 0,
-        "color": "rgb", "scale": 1 / 127.5, "mean": 1.0, "layout": "nhwc",
-    },
-    "postprocessing": {
-        "kind": "detection", "decoder": "ssd", "labels": ["face"], "score_threshold": 0.5,
-        "iou_threshold": 0.3,
-        "anchors": {"input_size": 128, "strides": [8, 16, 16, 16], "boxes_output": "regressors",
-                    "scores_output": "classificators", "box_scale": 128},
-    },
-}  # fmt: skip
-
-
-def build_face_bundle(models: Path, dest: Path) -> Path:
-    """BlazeFace as a bundle: an image in, face boxes (original pixels) out."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(models / "face_detection_short_range.tflite", dest)
-    (dest / "model.yaml").write_text(yaml.safe_dump(FACE_BUNDLE))
-    return dest
-
-
-def face_jpeg(dest: Path) -> Path | None:
-    """A real photo with a face (scikit-image's astronaut, shipped in its wheel)."""
-    try:
-        from skimage import data
-    except ImportError:
-        return None
-    bgr = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
-    dest.write_bytes(cv2.imencode(".jpg", bgr)[1].tobytes())
-    return dest
-
-
-def wait_ready(port: int, models: list[str], timeout: float = 60.0) -> dict[str, Any]:
-    import paho.mqtt.client as mqtt
-
-    got: dict[str, Any] = {}
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = lambda _c, _u, m: got.update(json.loads(m.payload))
-    client.connect("127.0.0.1", port)
-    client.subscribe(f"edge/{DEVICE}/status", 1)
-    client.loop_start()
-    deadline = time.monotonic() + timeout
-    try:
+    def wait(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
+        """The first truthy ``check()``; DemoError when a process exits or after ``timeout``."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            states = {n: got.get("models", {}).get(n, {}).get("state") for n in models}
-            if all(s in ("ready", "failed") for s in states.values()):
-                return got
-            time.sleep(0.1)
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    sys.exit("demo: the agent did not get its models ready in time (see agent.log)")
+            self.procs.check()
+            result = check()
+            if result:
+                return result
+            time.sleep(0.25)
+        raise DemoError(
+            f"timed out after {timeout:g} s waiting for {what} (logs: {self.work}/logs)"
+        )
+
+    # --- the steps -------------------------------------------------------------------------
+
+    def signing(self) -> None:
+        say(f"1/7 the fleet server's keys, CA and an admin token (in {self.work})")
+        d = ["--data-dir", str(self.data)]
+        offline = self.work / "offline-root-keys"
+        edge_fleet("keys", "init", "--offline-dir", str(offline), *d)
+        shell(f"edge-fleet keys init --offline-dir {offline.name} --data-dir {self.data.name}")
+        edge_fleet("ca", "init", *d)
+        shell(f"edge-fleet ca init --data-dir {self.data.name}")
+        self.token = edge_fleet("token", "create", "--role", "admin", "--name", "demo", *d).strip()
+        shell(f"edge-fleet token create --role admin --name demo --data-dir {self.data.name}")
+
+    def start_broker(self) -> Broker:
+        self.broker = start_broker(self.procs, self.work, self.args.broker)
+        note = ""
+        if self.broker.kind == "amqtt":
+            why = "as asked" if self.args.broker == "amqtt" else "Mosquitto is not installed"
+            note = f" (MQTT 3.1.1: {why})"
+        say(f"2/7 broker: {self.broker.kind} on {self.broker.url}{note}")
+        return self.broker
+
+    def start_server(self, broker: Broker) -> None:
+        say(f"3/7 edge-fleet serve on {self.url} (SQLite, local artifacts, ingest from the broker)")
+        config = {
+            "enrolment": {"broker_url": broker.url},
+            "ingest": {"flush_interval_ms": 100},
+            "telemetry": {"interval_s": 5},
+            # amqtt lets an MQTT 5 CONNECT hang until the keep-alive runs out instead of
+            # refusing it, so the clients are told the version rather than finding out
+            "mqtt": {"protocol": broker.mqtt_setting},
+        }
+        (self.work / "server.yaml").write_text(yaml.safe_dump(config))
+        argv = [str(VENV_BIN / "edge-fleet"), "serve", "--data-dir", str(self.data)]
+        argv += ["--config", str(self.work / "server.yaml"), "--port", str(self.port)]
+        self.procs.start("server", [*argv, "--mqtt-url", broker.url, "--log-level", "warning"])
+        self.procs.wait_port("server", self.port, timeout=60)
+        self.wait("the server", lambda: httpx.get(f"{self.url}/readyz").status_code == 200, 60)
+        os.environ.update(EDGE_FLEET_URL=self.url, EDGE_FLEET_TOKEN=self.token)
+        print(f"    dashboard    {self.url}/")
+        print(f"    login token  {self.token}")
+
+    def start_agents(self, broker: Broker, bundles: dict[str, Path]) -> None:
+        say("4/7 three agents: enrolled with edge-agent enroll, then edge-agent run")
+        probation = 3.0 if self.args.once else self.args.probation
+        for device, profile in DEVICES:
+            folder = self.work / device
+            folder.mkdir()
+            token = edge_fleet("device", "token", "--tags", "site=demo").strip()
+            config = {
+                "profile": profile,
+                "mqtt": {"protocol": broker.mqtt_setting, "reconnect": {"max_s": 2.0}},
+                "models": [
+                    {"name": "text-direction", "path": str(bundles["text-direction"])},
+                    {"name": "face", "path": str(bundles["face"])},
+                ],
+                "telemetry": {"interval_s": 5},
+                "updates": {"poll_interval_s": 60, "min_check_interval_s": 0.5,
+                            "probation_s": probation, "probation_check_s": 0.5},
+            }  # fmt: skip
+            (folder / "agent.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            enroll(self.url, token, device, folder / "agent.yaml", folder / "state")
+            run = [str(VENV_BIN / "edge-agent"), "run", "--config", str(folder / "agent.yaml")]
+            self.procs.start(device, run)
+        shell(f"edge-agent enroll --server {self.url} --device-id cam-x86 (and 2 more)")
+
+        def up() -> list[dict[str, Any]] | None:
+            items: list[dict[str, Any]] = self.api("/devices", tag="site=demo")["items"]
+            ready = [
+                d for d in items
+                if d["state"] in ("online", "degraded") and len(d["models"]) == 2
+                and all(m["state"] in ("ready", "failed") for m in d["models"])
+            ]  # fmt: skip
+            return items if len(ready) == len(DEVICES) else None
+
+        for d in self.wait("the agents to be up", up, 90):
+            models = ", ".join(
+                f"{m['name']} {m['version']} on {m['provider']}" for m in d["models"]
+            )
+            print(f"    {d['id']:<9} {d['profile']:<15} {d['state']:<9} {models}")
+
+    def rollout(self, version: str, bundle: Path, *flags: str) -> int:
+        """Push ``bundle``, roll text-direction ``version`` out, print its progress until it
+        ends; its id."""
+        out = edge_fleet("model", "push", str(bundle))
+        shell(f"edge-fleet model push {bundle.name}", out)
+        argv = ["rollout", "create", "--model", f"text-direction@{version}"]
+        argv += ["--target", "site=demo", *flags]
+        rollout = int(json.loads(edge_fleet(*argv, "--json"))["id"])
+        shell(f"edge-fleet {' '.join(argv)}", f"rollout {rollout} created")
+        seen = None
+        while True:
+            self.procs.check()
+            r = self.api(f"/rollouts/{rollout}")
+            now = (r["state"], r["current_wave"], r["totals"])
+            if now != seen:
+                counts = ", ".join(f"{n} {s}" for s, n in sorted(r["totals"].items()))
+                wave = f"wave {r['current_wave'] + 1} of {len(r['wave_sizes'])}"
+                if r["current_wave"] < 0:
+                    wave = "waiting for the engine's next tick"
+                print(f"      rollout {rollout}: {r['state']}, {wave}: {counts}", flush=True)
+                seen = now
+            if r["state"] not in ("running", "rolling_back"):
+                return rollout
+            time.sleep(0.5)
+
+    def requests(self, broker: Broker, face: Path | None) -> None:
+        say("7/7 requests over MQTT to cam-x86")
+        argv = [sys.executable, str(REPO / "scripts" / "demo_client.py"), "--port"]
+        argv += [str(broker.port), "--device", "cam-x86", "--mqtt", broker.protocol, "--tour"]
+        subprocess.run([*argv, *(["--face", str(face)] if face else [])], check=True, timeout=120)
+
+    def try_it(self, broker: Broker, face: Path | None) -> None:
+        image = face or self.work / "upside-down.png"
+        model = "face" if face else "text-direction"
+        p, v = broker.port, "" if broker.protocol == "5" else " --mqtt 3.1.1"
+        print("\nTry it yourself:")
+        print(f"  dashboard     {self.url}/   (log in with the token below)")
+        print(f"  login token   {self.token}")
+        print(f"  python        .venv/bin/python scripts/demo_client.py --port {p}"
+              f" --device cam-x86 --image {image} --model {model}{v}")  # fmt: skip
+        if shutil.which("mosquitto_pub"):
+            t = f"edge/cam-x86/infer/{model}"
+            print(f"  mosquitto     mosquitto_sub -p {p} -t {t}/reply -C 1 -W 10 & sleep 0.5;"
+                  f" mosquitto_pub -p {p} -t {t} -f {image}; wait")  # fmt: skip
+        print(f"  fleet CLI     export EDGE_FLEET_URL={self.url} EDGE_FLEET_TOKEN={self.token}")
+        print("                .venv/bin/edge-fleet device list; .venv/bin/edge-fleet rollout list")
+        print(f"  logs          {self.work}/logs/")
+
+    def simulate(self, broker: Broker, count: int) -> None:
+        if not SIMULATOR.exists():
+            print(f"\n--devices {count}: not available yet (scripts/simulate-fleet is missing)")
+            return
+        argv = [str(SIMULATOR), "--server", self.url, "--mqtt", broker.url]
+        argv += ["--devices", str(count), "--model", "text-direction@1.0.0", "--interval", "10"]
+        self.procs.start("simulate-fleet", argv)
+        print(f"\n{count} simulated devices joining (log: {self.work}/logs/simulate-fleet.log);")
+        print("roll v2 out to the whole fleet and watch it on the dashboard:")
+        print("  .venv/bin/edge-fleet rollout create --model text-direction@2.0.0 --all-devices"
+              " --waves 1%,10%,100% --probation 5m")  # fmt: skip
+
+    def run(self) -> int:
+        models = fetch(cache_root() / "models")
+        self.signing()
+        broker = self.start_broker()
+        self.start_server(broker)
+        bundles = {
+            "text-direction": text_direction_bundle(models, self.work / "bundles", "1.0.0"),
+            "face": face_bundle(models, self.work / "bundles", "1.0.0"),
+        }
+        (self.work / "upside-down.png").write_bytes(text_png("hello world", upside_down=True))
+        photo = face_jpeg()
+        face = self.work / "astronaut.jpg" if photo else None
+        if face is not None and photo is not None:
+            face.write_bytes(photo)
+        self.start_agents(broker, bundles)
+        say("5/7 release v1: text-direction 1.0.0 (what the devices run), to every device")
+        self.rollout("1.0.0", bundles["text-direction"], "--waves", "100%")
+        say("6/7 a canary rollout of v2: text-direction 2.0.0, one device first, then all")
+        v2 = text_direction_bundle(models, self.work / "bundles", "2.0.0")
+        canary = ["--waves", "1,100%", "--max-failure", "50%", "--min-devices", "1"]
+        rollout = self.rollout("2.0.0", v2, *canary, "--probation", "5m", "--auto-rollback")
+        print(edge_fleet("rollout", "show", str(rollout)).rstrip())
+        self.requests(broker, face)
+        self.try_it(broker, face)
+        if self.args.devices:
+            self.simulate(broker, self.args.devices)
+        if self.args.once:
+            return 0
+        print("\nRunning. Ctrl-C stops everything the demo started.", flush=True)
+        while True:
+            self.procs.check()
+            time.sleep(1)
+
+
+def _interrupted(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--once", action="store_true", help="exit after the requests")
+    parser.add_argument("--once", action="store_true", help="exit after the scripted part")
+    parser.add_argument("--devices", type=int, default=0, help="add N simulated devices")
+    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    parser.add_argument("--port", type=int, default=0, help="the server's port (default: free)")
+    parser.add_argument("--probation", type=float, default=10.0, help="agents' probation (s)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir at the end")
     args = parser.parse_args()
-    models = fetch(cache_root() / "models")
     work = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def cleanup(*_: object) -> None:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    demo = Demo(args, work)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
+    code = 0
     try:
-        say("1/4 a local inference: edge-agent infer on PP-OCR's classifier")
-        bundle = build_text_direction_bundle(models, work / "text-direction")
-        (work / "upside-down.png").write_bytes(text_image("hello world", upside_down=True))
-        subprocess.run(
-            [str(VENV_BIN / "edge-agent"), "infer", str(bundle), str(work / "upside-down.png")],
-            check=True,
-        )
-
-        say("2/4 a broker: Mosquitto on a free local port")
-        broker, port = start_broker(work)
-        procs.append(broker)
-        print(f"    mqtt://127.0.0.1:{port}")
-
-        say("3/4 an edge agent serving three real models")
-        config = {
-            "device_id": DEVICE,
-            "state_dir": str(work / "state"),
-            "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
-            "telemetry": {"interval_s": 5},
-            "models": [
-                {"name": "text-direction", "path": str(bundle), "max_batch": 8},
-                {"name": "vad", "path": str(models / "silero_vad.onnx")},
-                {"name": "face", "path": str(build_face_bundle(models, work / "face"))},
-            ],
-        }
-        (work / "agent.yaml").write_text(yaml.safe_dump(config))
-        log = (work / "agent.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [str(VENV_BIN / "edge-agent"), "run", "--config", str(work / "agent.yaml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        status = wait_ready(port, [m["name"] for m in config["models"]])
-        for name, m in status["models"].items():
-            row = f"{name:<15} {m['state']:<6} {m['version']:<22} {m['format']:<7}"
-            print(f"    {row} {m['provider']}")
-
-        say("4/4 requests over MQTT")
-        subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "demo_client.py"), "--port", str(port),
-             "--device", DEVICE, "--face", str(face_jpeg(work / "astronaut.jpg") or "")],
-            check=True,
-        )  # fmt: skip
-        print()
-        print("Try it yourself:")
-        print(f"  mosquitto_sub -p {port} -t 'edge/{DEVICE}/#' -v")
-        pub = f"  mosquitto_pub -p {port} -t edge/{DEVICE}"
-        print(f"{pub}/infer/text-direction -f {work}/upside-down.png")
-        if (work / "astronaut.jpg").exists():
-            print(f"{pub}/infer/face -f {work}/astronaut.jpg   # prints the face box")
-        cmd = {"id": "c1", "command": "diagnostics", "args": {}, "ts": "2026-01-01T00:00:00Z"}
-        print(f"{pub}/cmd -m '{json.dumps(cmd)}'")
-        print(f"  (agent log: {work}/agent.log)")
-        if args.once:
-            return 0
-        print("\nRunning. Ctrl-C stops the agent and the broker.")
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        return 1
+        code = demo.run()
     except KeyboardInterrupt:
-        print()
-        return 0
+        code = 130
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        code = 1
     finally:
-        cleanup()
-        os.environ.pop("EDGE_FLEET_DEMO", None)
+        left = demo.procs.stop_all()  # first: printing can fail once the terminal is gone
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            say("stopped everything the demo started")
+            for what in left:
+                print(f"    was left running, killed: {what}")
+            print("    nothing left running" if not left else "", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""End-to-end tests with real processes: ``edge-fleet serve``, Mosquitto, ``edge-agent run``."""
