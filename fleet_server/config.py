@@ -130,6 +130,16 @@ class ValidationSettings(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
 
 
+class EngineSettings(_Strict):
+    """The rollout reconciler: how often it ticks and how much one tick does."""
+
+    interval_s: float = Field(default=2.0, gt=0, le=600)
+    #: Devices one rollout assigns (or moves back) per tick: bounds a transaction.
+    batch_size: int = Field(default=500, ge=1, le=50_000)
+    #: Hints published per tick.
+    hint_batch: int = Field(default=2000, ge=1)
+
+
 class ServerSettings(_Strict):
     """Everything ``edge-fleet serve`` needs."""
 
@@ -150,6 +160,8 @@ class ServerSettings(_Strict):
     validation: ValidationSettings = ValidationSettings()
     ca: CaSettings = CaSettings()
     tuf: TufSettings = TufSettings()
+    #: The rollout reconciler: tick interval and batch sizes.
+    rollouts: EngineSettings = EngineSettings()
 
     def resolved_database_url(self) -> str:
         """The database URL to use: the configured one, or SQLite under ``data_dir``."""

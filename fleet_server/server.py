@@ -161,7 +161,9 @@ class Background:
         connection (without one they wait in the database's outbox)."""
         prefix = self.services.settings.mqtt.topic_prefix
         publisher = MqttHintPublisher(self.mqtt, prefix) if self.mqtt is not None else None
-        return RolloutEngine(self.services.db, publisher=publisher)
+        return RolloutEngine(
+            self.services.db, settings=self.services.settings.rollouts, publisher=publisher
+        )
 
     def _retain(self) -> dict[str, Any]:
         return run_retention(self.services.db, self.services.settings)

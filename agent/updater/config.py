@@ -68,6 +68,8 @@ class UpdateConfig(BaseModel):
     max_error_rate_increase: float = Field(0.05, ge=0.0, le=1.0)
     #: Breach: the new model's latency p95 exceeds this multiple of the old one's.
     max_latency_ratio: float = Field(2.0, ge=1.0)
+    #: ...and only when it is also this many ms slower (noise floor for fast models).
+    min_latency_regression_ms: float = Field(2.0, ge=0.0)
     #: Old versions of each model kept on disk for rollback (the serving one not counted).
     keep_versions: int = Field(2, ge=1, le=100)
 

@@ -14,8 +14,10 @@ the model (a malformed payload, a model still loading) does not. The new model b
 when, with at least ``probation_min_requests`` requests answered:
 
 * its error rate exceeds the baseline's by more than ``max_error_rate_increase``, or
-* its latency p95 exceeds ``max_latency_ratio`` times the baseline's (compared only when
-  the baseline has as many requests too).
+* its latency p95 exceeds ``max_latency_ratio`` times the baseline's AND is more than
+  ``min_latency_regression_ms`` slower in absolute terms (compared only when the baseline
+  has as many requests too). The floor keeps scheduling noise on a sub-millisecond model
+  (0.6 ms becoming 2 ms on a busy CPU) from rolling back a healthy update.
 """
 
 from __future__ import annotations
@@ -96,10 +98,13 @@ def judge(baseline: Window, current: Window, config: UpdateConfig) -> ProbationF
     new_p95, old_p95 = current.p95_ms, baseline.p95_ms
     if current.ok >= enough and baseline.ok >= enough and new_p95 is not None and old_p95:
         ratio = new_p95 / old_p95
-        if not math.isfinite(ratio) or ratio > config.max_latency_ratio:
+        slower_ms = new_p95 - old_p95
+        too_slow = not math.isfinite(ratio) or ratio > config.max_latency_ratio
+        if too_slow and slower_ms > config.min_latency_regression_ms:
             return ProbationFailed(
                 f"latency p95 {new_p95:.2f} ms, {ratio:.1f}x the old model's {old_p95:.2f} ms "
-                f"(at most {config.max_latency_ratio:g}x allowed)",
+                f"(at most {config.max_latency_ratio:g}x, or "
+                f"{config.min_latency_regression_ms:g} ms slower, allowed)",
                 code="latency_regression",
             )
     return None

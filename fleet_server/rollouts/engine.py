@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from fleet_server.config import EngineSettings
 from fleet_server.domain import utcnow
 from fleet_server.errors import FleetError, NotFound
 from fleet_server.rollouts.gates import Verdict
@@ -31,18 +30,6 @@ from fleet_server.store.engine import Database
 from fleet_server.store.rollouts import lock_rollout, to_reconcile
 
 log = logging.getLogger("fleet_server.rollouts")
-
-
-class EngineSettings(BaseModel):
-    """How often the reconciler ticks and how much one tick does."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    interval_s: float = Field(default=2.0, gt=0, le=600)
-    #: Devices one rollout assigns (or moves back) per tick: bounds a transaction.
-    batch_size: int = Field(default=500, ge=1, le=50_000)
-    #: Hints published per tick.
-    hint_batch: int = Field(default=2000, ge=1)
 
 
 @dataclass
