@@ -58,6 +58,10 @@ _MAX_TRACKED_DEVICES = 100_000
 _FIELD_MAX = 64
 
 
+#: How long an update event or a status may wait for room in a full ingest queue.
+IMPORTANT_WAIT_S = 5.0
+
+
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; one message costs one token."""
 
@@ -269,7 +273,11 @@ class IngestService:
             return False
         raw = _Raw(device, kind, payload, retained, received_at or utcnow(), ack)
         try:
-            self._queue.put_nowait(raw)
+            if kind is TopicKind.TELEMETRY:  # shed telemetry first under overload
+                self._queue.put_nowait(raw)
+            else:  # update events and statuses are rare and must not be lost: wait (this
+                # holds the MQTT thread, so the broker slows the senders down)
+                self._queue.put(raw, timeout=IMPORTANT_WAIT_S)
         except queue.Full:
             self._count(device, "queue_full")
             return False

@@ -14,6 +14,7 @@ stored but not signed, and ``/tuf/`` answers 404.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -64,6 +65,12 @@ def compatible_profiles(manifest: dict[str, Any]) -> tuple[str, ...]:
     listed = manifest.get("compatible_profiles") or []
     if listed:
         return tuple(str(p) for p in listed)
+    return _known_profiles()
+
+
+@functools.cache
+def _known_profiles() -> tuple[str, ...]:
+    """Every built-in profile name, parsed once (11 YAML files; rollouts ask per device)."""
     from agent.profiles import list_profiles
 
     return tuple(sorted(p.name for p in list_profiles()))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
+import paho.mqtt.client as paho
+
 from agent.protocol import desired_topic, status_topic
 from fleet_server.simulator.device import VirtualDevice
 from fleet_server.simulator.link import BrokerAddress, Connection, LoopBridge, RateGate
@@ -66,11 +68,24 @@ class Links(Protocol):
         connection is closed."""
 
 
-async def _until_down(connections: list[Connection]) -> None:
+async def _until(done: Callable[[], bool], timeout_s: float = _CLOSE_WAIT_S) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + _CLOSE_WAIT_S
-    while any(c.up for c in connections) and loop.time() < deadline:
+    deadline = loop.time() + timeout_s
+    while not done() and loop.time() < deadline:
         await asyncio.sleep(0.05)
+
+
+async def _goodbye(
+    goodbyes: list[paho.MQTTMessageInfo | None], connections: list[Connection]
+) -> None:
+    """Wait for the broker to acknowledge the offline statuses, then close the
+    connections: closed earlier, the socket's unread acknowledgements make the kernel
+    reset the connection, and the broker drops what it had not read yet."""
+    sent = [g for g in goodbyes if g is not None]
+    await _until(lambda: all(g.is_published() for g in sent))
+    for conn in connections:
+        conn.close()
+    await _until(lambda: not any(c.up for c in connections))
 
 
 class DeviceLinks:
@@ -127,14 +142,12 @@ class DeviceLinks:
 
     async def close(self, devices: list[VirtualDevice]) -> None:
         prefix = self._settings.topic_prefix
-        for d in devices:
-            conn = self._conns.get(d.id)
-            if conn is None:
-                continue
-            if conn.up:
-                conn.publish(status_topic(d.id, prefix), d.offline_status(), qos=1, retain=True)
-            conn.close()
-        await _until_down(list(self._conns.values()))
+        goodbyes = [
+            conn.publish_tracked(status_topic(d.id, prefix), d.offline_status(), qos=1, retain=True)
+            for d in devices
+            if (conn := self._conns.get(d.id)) is not None
+        ]
+        await _goodbye(goodbyes, list(self._conns.values()))
 
 
 class SharedLinks:
@@ -226,10 +239,11 @@ class SharedLinks:
 
     async def close(self, devices: list[VirtualDevice]) -> None:
         prefix = self._settings.topic_prefix
-        for d in devices:
-            if d.online:
-                conn = self._conns[self._index[d.id]]
-                conn.publish(status_topic(d.id, prefix), d.offline_status(), qos=1, retain=True)
-        for conn in self._conns:
-            conn.close()
-        await _until_down(self._conns)
+        goodbyes = [
+            self._conns[self._index[d.id]].publish_tracked(
+                status_topic(d.id, prefix), d.offline_status(), qos=1, retain=True
+            )
+            for d in devices
+            if d.online
+        ]
+        await _goodbye(goodbyes, self._conns)

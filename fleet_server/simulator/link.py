@@ -213,10 +213,17 @@ class Connection:
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> bool:
         """Queue a message; ``False`` when the connection is down (nothing is queued)."""
+        return self.publish_tracked(topic, payload, qos=qos, retain=retain) is not None
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False
+    ) -> paho.MQTTMessageInfo | None:
+        """Queue a message; its paho handle (``is_published()`` once the broker has it at
+        QoS 1), or None when the connection is down."""
         if not self.up:
-            return False
+            return None
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        return info.rc == paho.MQTT_ERR_SUCCESS
+        return info if info.rc == paho.MQTT_ERR_SUCCESS else None
 
     def subscribe(self, topics: list[str]) -> None:
         """Subscribe to ``topics`` at QoS 1 (call from ``on_up``)."""

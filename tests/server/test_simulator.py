@@ -414,9 +414,10 @@ def test_a_failing_canary_pauses_the_rollout(
         assert devices(api, profile="jetson-xavier", model_version="1.1.0") == []
         out = stop(sim, log)
         assert "10/10 online" in out
-        # Not asserted here: that the server then lists all n devices offline. In this
-        # session that check timed out (see the closing note of issue 6); the Will and the
-        # clean offline status are checked per device by the link tests above.
+        wait_for(
+            "every device offline after Ctrl-C",
+            lambda: len(devices(api, profile="jetson-xavier", state="offline")) == n or None,
+        )
 
 
 @dataclass(frozen=True)
