@@ -3,8 +3,9 @@
 :class:`Repositories` holds the image repository and the director of
 ``{tuf_dir}/image``, ``{tuf_dir}/director`` with the online keys of ``{tuf_dir}/keys``.
 ``edge-fleet keys rotate`` changes those files under a running server; the repositories
-are rebuilt from disk when a key file or a ``root.json`` changed (a few ``stat`` calls on
-every use), so the server never signs with a key the newest root no longer trusts.
+are rebuilt from disk when a key file or a ``root.json`` changed (a ``stat`` of each known
+file on every use; the key folder is listed again at most every ``glob_interval_s``), so
+the server never signs with a key the newest root no longer trusts.
 
 :class:`Revocations` re-signs the CA's CRL and copies it where the broker reads it
 (``ca.crl_file``), on every revocation and periodically.
@@ -33,7 +34,9 @@ _Stamp = tuple[tuple[str, int, int, int], ...]
 class Repositories:
     """The image repository and the director, reloaded when their keys or roots change."""
 
-    def __init__(self, tuf_dir: Path, *, check_interval_s: float = 0.0) -> None:
+    def __init__(
+        self, tuf_dir: Path, *, check_interval_s: float = 0.0, glob_interval_s: float = 1.0
+    ) -> None:
         """Load both repositories from ``tuf_dir``.
 
         Raises:
@@ -41,8 +44,11 @@ class Repositories:
         """
         self.tuf_dir = tuf_dir
         self._interval = check_interval_s
+        self._glob_interval = glob_interval_s
         self._lock = threading.Lock()
         self._checked = 0.0
+        self._globbed = -float("inf")
+        self._known: list[Path] = []
         self._stamp: _Stamp = ()
         self._image: ImageRepository | None = None
         self._director: Director | None = None
@@ -54,18 +60,21 @@ class Repositories:
         return (tuf_dir / "image" / "root.json").exists()
 
     def _files(self) -> list[Path]:
-        keys = sorted((self.tuf_dir / "keys").glob("*.pem"))
-        return [
-            *keys,
-            self.tuf_dir / "image" / "root.json",
-            self.tuf_dir / "director" / "root.json",
-        ]
+        now = time.monotonic()
+        if now - self._globbed >= self._glob_interval:  # a new key file: seen within 1 s
+            self._globbed = now
+            self._known = [
+                *sorted((self.tuf_dir / "keys").glob("*.pem")),
+                self.tuf_dir / "image" / "root.json",
+                self.tuf_dir / "director" / "root.json",
+            ]
+        return self._known
 
     def _current_stamp(self) -> _Stamp:
         stamp = []
         for path in self._files():
             try:
-                st = path.stat()
+                st = os.stat(path)
             except FileNotFoundError:
                 continue
             stamp.append((path.name, st.st_ino, st.st_mtime_ns, st.st_size))
@@ -80,6 +89,9 @@ class Repositories:
             stamp = self._current_stamp()
             if stamp == self._stamp and not force:
                 return
+            if not force:  # something changed: list the key folder again before loading
+                self._globbed = -float("inf")
+                stamp = self._current_stamp()
             keys = self.tuf_dir / "keys"
             image = ImageRepository(
                 LocalFolderStore(self.tuf_dir / "image"), load_online_signers(keys, "image")

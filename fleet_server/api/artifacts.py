@@ -11,6 +11,10 @@ them. Every answer carries ``Accept-Ranges: bytes`` and ``ETag: "{sha256}"``; a 
 range (``bytes=a-b``, ``a-``, ``-n``) answers 206 with ``Content-Range``, one that starts
 past the end answers 416 with ``Content-Range: bytes */{size}``. Several ranges, or an
 ``If-Range`` that is not the ETag, get the whole artifact (200), as RFC 9110 allows.
+
+The handlers are coroutines: a body of at most ``CHUNK`` bytes is read at once and sent
+without a worker thread (the common case for small models and resumed tails); larger
+bodies stream from a worker thread in ``CHUNK`` pieces.
 """
 
 from __future__ import annotations
@@ -132,12 +136,17 @@ def serve_artifact(svc: ServicesDep, request: Request, sha256: str) -> Response:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=_OCTETS)
+    if end - start <= CHUNK:
+        body = b"".join(_body(store, sha256, start, end))
+        if len(body) != end - start:
+            raise NotFound(f"artifact {sha256} changed while being read")
+        return Response(body, status_code=status, headers=headers, media_type=_OCTETS)
     return StreamingResponse(
         _body(store, sha256, start, end), status_code=status, headers=headers, media_type=_OCTETS
     )
 
 
-def artifact_by_digest(sha256: str, request: Request, svc: ServicesDep) -> Response:
+async def artifact_by_digest(sha256: str, request: Request, svc: ServicesDep) -> Response:
     """The artifact with this sha256 (lowercase hex); supports Range."""
     return serve_artifact(svc, request, sha256)
 
@@ -155,13 +164,13 @@ def digest_of_target_name(name: str) -> str:
     return check_digest(digest)
 
 
-def artifact_by_target_name(name: str, request: Request, svc: ServicesDep) -> Response:
+async def artifact_by_target_name(name: str, request: Request, svc: ServicesDep) -> Response:
     """The artifact of ``models/{name}/{version}/{variant}/{sha256}.{file}``; supports Range."""
     sha256 = digest_of_target_name(name)
     return serve_artifact(svc, request, sha256)
 
 
-def _register(path: str, endpoint: Callable[..., Response], operation: str, summary: str) -> None:
+def _register(path: str, endpoint: Callable[..., Any], operation: str, summary: str) -> None:
     """GET and HEAD of ``path`` (one OpenAPI operation id each)."""
     for method in ("GET", "HEAD"):
         router.add_api_route(

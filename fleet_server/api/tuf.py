@@ -5,11 +5,17 @@
                                        {v}.targets.json (consistent snapshots)
     GET /tuf/director/{device}/{name}  the device's own director metadata, the same names
 
-Director metadata is built per request from the device's rows in ``desired_models`` and
-its revision in ``device_revisions`` (see :mod:`fleet_server.tuf.director`): every replica
-signs the same bytes. Versioned files
+Director metadata is built from the device's rows in ``desired_models`` and its revision
+in ``device_revisions`` when the device asks for ``timestamp.json`` (see
+:mod:`fleet_server.tuf.director`): every replica signs the same bytes. The snapshot and
+targets that timestamp names come from the director's short-lived cache without a
+database read when this replica built them; the director's roots are public and the same
+for every device, so they are served to any valid device id without one. Versioned files
 never change once published, so they may be cached; ``timestamp.json`` and ``root.json``
 must not be.
+
+The handlers are coroutines: answers from memory never wait for a worker thread; the
+database read of a timestamp runs in one.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import ServicesDep
+from fleet_server.api.deps import Services, ServicesDep
 from fleet_server.api.schemas import ErrorResponse
 from fleet_server.errors import Conflict, Forbidden
 from fleet_server.integrations import target_path
@@ -58,7 +65,7 @@ def _repositories(svc: ServicesDep) -> Repositories:
     response_class=Response,
     responses={200: {"content": {_JSON: {}}, "description": "signed TUF metadata"}},
 )
-def image_metadata(name: str, svc: ServicesDep) -> Response:
+async def image_metadata(name: str, svc: ServicesDep) -> Response:
     """A metadata file of the image repository, signed, exactly as stored."""
     return _metadata(_repositories(svc).image.read(name), name)
 
@@ -102,7 +109,9 @@ def assignments_of(desired: DesiredSet, image: ImageRepository) -> list[Assignme
         422: {"model": ErrorResponse, "description": "not a valid device id"},
     },
 )
-def director_metadata(device_id: str, name: str, request: Request, svc: ServicesDep) -> Response:
+async def director_metadata(
+    device_id: str, name: str, request: Request, svc: ServicesDep
+) -> Response:
     """The device's director metadata: exactly the artifacts it must run, signed with the
     director's online keys, with a short expiry."""
     check_device_id(device_id)
@@ -113,11 +122,26 @@ def director_metadata(device_id: str, name: str, request: Request, svc: Services
     director = repositories.director
     if director is None:
         raise MetadataNotFound("this server has no director repository")
+    if name == "root.json" or name.endswith(".root.json"):  # the same for every device
+        return _metadata(director.serve(device_id, name, []), name)
+    cached = director.cached(device_id, name)
+    if cached is not None:
+        return _metadata(cached, name)
+    return _metadata(await run_in_threadpool(_build, svc, repositories, device_id, name), name)
+
+
+def _build(svc: Services, repositories: Repositories, device_id: str, name: str) -> bytes:
+    """Read the device's desired set and serve ``name`` from it (in a worker thread).
+
+    Raises:
+        NotFound: no such device. Forbidden: the device is revoked.
+        Conflict: an assignment cannot be signed. MetadataNotFound: no such file.
+    """
+    director = repositories.director
+    assert director is not None
     with svc.db.read() as session:
         desired = desired_set(session, device_id)
     if desired.revoked_at is not None:
         raise Forbidden(f"device {device_id} is revoked", code="device_revoked")
-    if name == "root.json" or name.endswith(".root.json"):  # the same for every device
-        return _metadata(director.serve(device_id, name, []), name)
     assignments = assignments_of(desired, repositories.image)
-    return _metadata(director.serve(device_id, name, assignments, desired.revision), name)
+    return director.serve(device_id, name, assignments, desired.revision)

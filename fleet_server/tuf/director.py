@@ -23,6 +23,13 @@ the same metadata, and a snapshot fetched a moment after its timestamp can be re
 
 Snapshot and timestamp name the files they cover by version only (no hashes): a
 re-built file with a non-deterministic signature (ECDSA, HSM) still matches.
+
+**Built once, served from memory.** A device's check reads ``timestamp.json`` and then the
+snapshot and targets it names. The signed files are kept in a bounded cache keyed by
+(device, version) for ``cache_ttl_s``: the snapshot and targets requests that follow, and
+repeated polls with unchanged assignments, are answered without signing again
+(:meth:`Director.cached` needs no assignments, so the server answers them without its
+database). Another replica that misses the cache builds the same metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -73,6 +83,9 @@ class DirectorConfig(BaseModel):
     targets_expiry: timedelta = Field(default=timedelta(days=1), ge=timedelta(minutes=2))
     snapshot_expiry: timedelta = Field(default=timedelta(days=1), ge=timedelta(minutes=2))
     timestamp_expiry: timedelta = Field(default=timedelta(hours=1), ge=timedelta(minutes=2))
+    #: How long built snapshot/targets files stay in memory, and how many (0: no cache).
+    cache_ttl_s: float = Field(default=120.0, ge=0)
+    cache_entries: int = Field(default=16_384, ge=0)
 
 
 class Assignment(BaseModel):
@@ -147,6 +160,17 @@ class DirectorMetadata:
         }
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A device's signed targets and snapshot of one version, and what they were built from."""
+
+    digest: str
+    revision: int
+    targets: bytes
+    snapshot: bytes
+    born: float
+
+
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` when it is a safe device id.
 
@@ -179,6 +203,8 @@ class Director:
         self._config = config or DirectorConfig()
         self._clock = clock
         self.roots = RootChain(store, self._config.root_expiry, clock)
+        self._built: OrderedDict[tuple[str, int], _Built] = OrderedDict()
+        self._built_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -235,11 +261,16 @@ class Director:
         check_device_id(device_id)
         rev = self._revision(device_id, assignments, revision)
         now = now or self._clock()
-        root_md = self.roots.current()
-        root_version = root_md.signed.version
+        root_version = self.roots.current_version()
         epoch = self._epoch(now)
         version = rev + epoch + root_version
-        targets, snapshot = self._targets_and_snapshot(device_id, assignments, version, epoch)
+        digest = assignments_digest(assignments)
+        built = self._lookup(device_id, version)
+        if built is None or (built.digest, built.revision) != (digest, rev):
+            targets, snapshot = self._targets_and_snapshot(device_id, assignments, version, epoch)
+            built = _Built(digest, rev, targets, snapshot, time.monotonic())
+            self._remember(device_id, version, built)
+        targets, snapshot = built.targets, built.snapshot
         t_step = self._config.timestamp_expiry / 2
         t_epoch = int(now.timestamp() // t_step.total_seconds())
         issued = datetime.fromtimestamp(t_epoch * t_step.total_seconds(), UTC)
@@ -289,12 +320,45 @@ class Director:
         if role == "root":
             return self.roots.read(version)
         rev = self._revision(device_id, assignments, revision)
-        epoch = version - rev - self.roots.current().signed.version
+        epoch = version - rev - self.roots.current_version()
         current = self._epoch(self._clock())
         if epoch not in {current, current - 1}:
             raise MetadataNotFound(f"director {role} version {version} is not available")
         targets, snapshot = self._targets_and_snapshot(device_id, assignments, version, epoch)
         return targets if role == "targets" else snapshot
+
+    def cached(self, device_id: str, name: str) -> bytes | None:
+        """``{N}.snapshot.json`` or ``{N}.targets.json`` of ``device_id`` when this process
+        built it within ``cache_ttl_s`` (for the timestamp that names it), else None."""
+        match = _VERSIONED_RE.fullmatch(name)
+        if match is None or match[2] == "root":
+            return None
+        built = self._lookup(device_id, int(match[1]))
+        if built is None:
+            return None
+        return built.targets if match[2] == "targets" else built.snapshot
+
+    def _lookup(self, device_id: str, version: int) -> _Built | None:
+        ttl = self._config.cache_ttl_s
+        with self._built_lock:
+            built = self._built.get((device_id, version))
+        if built is None or time.monotonic() - built.born > ttl:
+            return None
+        return built
+
+    def _remember(self, device_id: str, version: int, built: _Built) -> None:
+        cfg = self._config
+        if cfg.cache_entries == 0 or cfg.cache_ttl_s == 0:
+            return
+        with self._built_lock:
+            self._built[(device_id, version)] = built
+            self._built.move_to_end((device_id, version))
+            oldest = built.born - cfg.cache_ttl_s
+            while self._built and (
+                len(self._built) > cfg.cache_entries
+                or next(iter(self._built.values())).born < oldest
+            ):
+                self._built.popitem(last=False)
 
     def _epoch(self, now: datetime) -> int:
         cfg = self._config

@@ -98,6 +98,8 @@ class ImageRepository:
         self._clock = clock
         self._lock = threading.RLock()
         self.roots = RootChain(store, self._config.root_expiry, clock)
+        #: (timestamp.json bytes, the targets they lead to): read-only, for lookups.
+        self._lookup: tuple[bytes, dict[str, TargetFile]] | None = None
 
     @classmethod
     def create(
@@ -154,7 +156,7 @@ class ImageRepository:
         Raises:
             MetadataNotFound: the repository has not been created.
         """
-        return dict(self._current()[2].targets)
+        return dict(self._signed_targets())
 
     def get_target(self, path: str) -> TargetFile | None:
         """The target at ``path``, or None.
@@ -162,7 +164,19 @@ class ImageRepository:
         Raises:
             MetadataNotFound: the repository has not been created.
         """
-        return self._current()[2].targets.get(path)
+        return self._signed_targets().get(path)
+
+    def _signed_targets(self) -> dict[str, TargetFile]:
+        """The current targets, parsed once per new ``timestamp.json`` (versioned snapshot
+        and targets files never change, so equal timestamp bytes mean equal targets).
+        Callers must not change the result."""
+        stamp = self._store.read("timestamp.json")
+        known = self._lookup
+        if known is not None and known[0] == stamp:
+            return known[1]
+        targets = self._current()[2].targets
+        self._lookup = (stamp, targets)
+        return targets
 
     def _current(self) -> tuple[Timestamp, Snapshot, Targets]:
         timestamp = Metadata[Timestamp].from_bytes(self._store.read("timestamp.json")).signed

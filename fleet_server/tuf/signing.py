@@ -118,6 +118,7 @@ class RootChain:
         self._store = store
         self._lifetime = lifetime
         self._clock = clock
+        self._version: tuple[bytes, int] | None = None  # (root.json bytes, its version)
 
     def exists(self) -> bool:
         """True when the repository has a root."""
@@ -134,6 +135,20 @@ class RootChain:
             MetadataNotFound: the repository has not been created.
         """
         return Metadata[Root].from_bytes(self._store.read("root.json"))
+
+    def current_version(self) -> int:
+        """The newest root's version (parsed once per change of ``root.json``).
+
+        Raises:
+            MetadataNotFound: the repository has not been created.
+        """
+        data = self._store.read("root.json")
+        known = self._version
+        if known is not None and known[0] == data:
+            return known[1]
+        version = Metadata[Root].from_bytes(data).signed.version
+        self._version = (data, version)
+        return version
 
     def read(self, version: int) -> bytes:
         """The bytes of root ``version``.

@@ -12,6 +12,8 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -55,11 +57,26 @@ class MetadataStore(Protocol):
         ...
 
 
-class LocalFolderStore:
-    """A :class:`MetadataStore` in a local folder: tempfile + fsync + ``os.replace``."""
+_Stat = tuple[int, int, int, int]  # inode, mtime and ctime (ns), size
 
-    def __init__(self, root: Path) -> None:
+
+class LocalFolderStore:
+    """A :class:`MetadataStore` in a local folder: tempfile + fsync + ``os.replace``.
+
+    Reads are served from memory while the file's inode, times and size are unchanged
+    (one ``stat`` per read), so a file another process replaces (a replica, the CLI) is
+    seen at once. The cache holds at most ``cache_entries`` files of at most
+    ``cache_max_bytes`` each.
+    """
+
+    def __init__(
+        self, root: Path, *, cache_entries: int = 256, cache_max_bytes: int = 4 * 2**20
+    ) -> None:
         self.root = root
+        self._cache: OrderedDict[str, tuple[_Stat, bytes]] = OrderedDict()
+        self._cache_entries = cache_entries
+        self._cache_max_bytes = cache_max_bytes
+        self._lock = threading.Lock()
 
     def _path(self, name: str) -> Path:
         return self.root / check_store_name(name)
@@ -71,10 +88,28 @@ class LocalFolderStore:
             MetadataNotFound: no file ``name``.
             ValueError: ``name`` is not a safe store name.
         """
+        path = self._path(name)
         try:
-            return self._path(name).read_bytes()
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             raise MetadataNotFound(f"no metadata named {name}") from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == stamp:
+                self._cache.move_to_end(name)
+                return hit[1]
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise MetadataNotFound(f"no metadata named {name}") from None
+        if len(data) == st.st_size and len(data) <= self._cache_max_bytes:
+            with self._lock:
+                self._cache[name] = (stamp, data)
+                self._cache.move_to_end(name)
+                while len(self._cache) > self._cache_entries:
+                    self._cache.popitem(last=False)
+        return data
 
     def write(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name`` atomically (durable once this returns).

@@ -106,6 +106,20 @@ def test_local_store_writes_atomically_and_refuses_unsafe_names(tmp_path: Path) 
     store.delete("devices/d1/revision.json")  # twice is fine
 
 
+def test_local_store_sees_a_file_another_process_replaced_at_once(tmp_path: Path) -> None:
+    """Reads are served from memory while the file is unchanged; a replacement by
+    another writer (a replica, the CLI) is read at the next call."""
+    reader, writer = LocalFolderStore(tmp_path), LocalFolderStore(tmp_path)
+    writer.write("timestamp.json", b"v1")
+    assert reader.read("timestamp.json") == b"v1"
+    assert reader.read("timestamp.json") is reader.read("timestamp.json")  # from memory
+    writer.write("timestamp.json", b"v2")  # same size, same second
+    assert reader.read("timestamp.json") == b"v2"
+    writer.delete("timestamp.json")
+    with pytest.raises(MetadataNotFound):
+        reader.read("timestamp.json")
+
+
 # --- the image repository ----------------------------------------------------------
 
 
@@ -312,6 +326,36 @@ def test_director_versions_increase_exactly_when_inputs_change(
     assert director.metadata_for("dev-2", [], revision=5).revision == 5
     with pytest.raises(ValidationError):
         director.metadata_for("dev-2", [], revision=-1)
+
+
+def test_director_keeps_built_files_for_the_timestamp_that_names_them(
+    clock: Clock, roots: list[CryptoSigner]
+) -> None:
+    store, keys = MemoryStore(), signers()
+    director = Director.create(store, roots, 2, keys, clock=clock)
+    md = director.metadata_for("dev-1", [assignment()], revision=3)
+    v = md.targets_version
+    assert director.cached("dev-1", f"{v}.targets.json") == md.targets
+    assert director.cached("dev-1", f"{v}.snapshot.json") == md.snapshot
+    for device, name in [
+        ("dev-2", f"{v}.targets.json"),  # another device's version
+        ("dev-1", f"{v + 1}.targets.json"),
+        ("dev-1", "timestamp.json"),  # always built from the database
+        ("dev-1", "1.root.json"),
+    ]:
+        assert director.cached(device, name) is None
+    # Another replica builds the same bytes (deterministic signatures).
+    assert (
+        Director(store, keys, clock=clock).metadata_for("dev-1", [assignment()], revision=3) == md
+    )
+    # Changed assignments under the same revision (not what the server does) are rebuilt.
+    other = director.metadata_for("dev-1", [assignment("1.1.0")], revision=3)
+    assert other.targets != md.targets
+    assert director.cached("dev-1", f"{v}.targets.json") == other.targets
+    # No cache when configured so.
+    off = Director(store, keys, DirectorConfig(cache_ttl_s=0), clock=clock)
+    off.metadata_for("dev-1", [assignment()], revision=3)
+    assert off.cached("dev-1", f"{v}.targets.json") is None
 
 
 def test_director_serves_the_previous_epoch_for_slow_clients(
