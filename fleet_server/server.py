@@ -140,7 +140,7 @@ class Background:
         if svc.revocations is not None:
             jobs.append(("crl", s.ca.crl_refresh_s, svc.revocations.publish))
         engine = self._rollout_engine()
-        jobs.append(("rollouts", engine.settings.interval_s, engine.tick))
+        jobs.append(("rollouts", engine.settings.interval_s, engine.catch_up))
         for name, interval, job in jobs:
             thread = threading.Thread(
                 target=self._every, args=(name, interval, job), name=f"fleet-{name}", daemon=True

@@ -45,6 +45,8 @@ class TickReport:
     waves_started: list[tuple[int, int]] = field(default_factory=list)  # (rollout, wave)
     paused: list[tuple[int, Verdict]] = field(default_factory=list)
     ended: list[tuple[int, str]] = field(default_factory=list)
+    #: A rollout has a full batch left, or a full batch of hints went out: tick again now.
+    more: bool = False
 
 
 class RolloutEngine:
@@ -93,9 +95,22 @@ class RolloutEngine:
                 report.hints = publish_pending(
                     self.db, self.publisher, limit=self.settings.hint_batch
                 )
+                report.more = report.more or report.hints >= self.settings.hint_batch
             except FleetError as exc:
                 log.warning("desired hints not published: %s", exc)
         return report
+
+    def catch_up(self, max_ticks: int = 20) -> list[TickReport]:
+        """Tick, and tick again at once while a tick leaves work it could do now (a wave
+        larger than ``batch_size``, a backlog of hints), at most ``max_ticks`` times.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached at all.
+        """
+        reports = [self.tick()]
+        while reports[-1].more and len(reports) < max_ticks:
+            reports.append(self.tick())
+        return reports
 
     def _step(self, rollout_id: int, report: TickReport) -> None:
         now = self.clock()
@@ -103,6 +118,7 @@ class RolloutEngine:
             row = lock_rollout(session, rollout_id, skip_locked=True)
             result = Reconciler(session, row, now, batch_size=self.settings.batch_size).run()
         report.rollouts += 1
+        report.more = report.more or result.more
         report.assigned += result.assigned
         report.reverted += result.reverted
         report.waves_started += [(rollout_id, w) for w in result.waves_started]

@@ -53,6 +53,8 @@ from fleet_server.store.rollouts import counts, view
 ENGINE_ACTOR = "rollout-engine"
 _ALL = frozenset(DeviceState)
 _FOLLOWED = OPEN | {DeviceState.STALLED}
+#: Devices whose events one query reads (bounds the IN list and the rows in memory).
+_EVENT_CHUNK = 500
 
 
 @dataclass
@@ -64,6 +66,8 @@ class StepResult:
     waves_started: list[int] = field(default_factory=list)
     paused: Verdict | None = None
     ended: RolloutState | None = None
+    #: Work is left that the next step can do at once (a batch size was reached).
+    more: bool = False
 
 
 def outcomes(tally: dict[tuple[int, DeviceState, bool], int], waves: range) -> Outcomes:
@@ -138,24 +142,39 @@ class Reconciler:
     def follow_devices(self) -> None:
         """Apply new update events, lost assignments and probation timeouts."""
         row = self.row
-        seen = devs.event_count(self.s, row.id)
-        if seen != row.events_seen:
-            self._apply_events()
-            row.events_seen = seen
+        tally = devs.event_tally(self.s, row.id, row.events_watermark)
+        if tally.total != row.events_seen:
+            if row.events_seen + tally.above == tally.total:
+                ids = devs.devices_with_events(self.s, row.id, row.events_watermark, tally.newest)
+                self._apply_events(ids)
+            else:  # an event below the watermark committed late (concurrent writers)
+                self._apply_events(None)
+            row.events_seen, row.events_watermark = tally.total, tally.newest
         for lost in devs.lost_devices(self.s, row.id, row.model):
             (rd,) = devs.rows(self.s, row.id, _ALL, device_ids=[lost.device_id])
             self._mark_lost(rd, lost.holder, lost.pinned)
         cutoff = self.now - timedelta(seconds=row.probation_s)
         devs.stall(self.s, row.id, cutoff=cutoff, now=self.now)
 
-    def _apply_events(self) -> None:
+    def _apply_events(self, device_ids: list[str] | None) -> None:
+        """Apply the newest events of ``device_ids`` (None: of every device), a chunk of
+        devices at a time. Only devices with events above the watermark are read, so a
+        tick costs what arrived since the last one, not the rollout's size."""
         row = self.row
-        latest = {e.device_id: e for e in devs.latest_events(self.s, row.id, row.model)}
-        mine = {e.device_id: e for e in devs.latest_events(self.s, row.id, row.model, row.version)}
-        serving = devs.first_serving(self.s, row.id, row.version)
-        ids = sorted(latest)
-        for start in range(0, len(ids), 1000):
-            for rd in devs.rows(self.s, row.id, _ALL, device_ids=ids[start : start + 1000]):
+        if device_ids is None:
+            device_ids = sorted(e.device_id for e in devs.latest_events(self.s, row.id, row.model))
+        for start in range(0, len(device_ids), _EVENT_CHUNK):
+            ids = device_ids[start : start + _EVENT_CHUNK]
+            latest = {
+                e.device_id: e
+                for e in devs.latest_events(self.s, row.id, row.model, device_ids=ids)
+            }
+            mine = {
+                e.device_id: e
+                for e in devs.latest_events(self.s, row.id, row.model, row.version, device_ids=ids)
+            }
+            serving = devs.first_serving(self.s, row.id, row.version, device_ids=ids)
+            for rd in devs.rows(self.s, row.id, _ALL, device_ids=sorted(latest)):
                 newest = latest[rd.device_id]
                 rd.last_event, rd.last_event_ts = newest.state, newest.ts
                 self._apply(rd, mine.get(rd.device_id), serving.get(rd.device_id))
@@ -205,6 +224,7 @@ class Reconciler:
                 return
             self._start_wave(0)
         if self._assign_pending():
+            self.result.more = True
             return  # the started waves are still being assigned (a batch per tick)
         wave = row.current_wave
         started = as_utc(row.wave_started_at) if row.wave_started_at else self.now
@@ -213,7 +233,7 @@ class Reconciler:
             return
         if wave + 1 < len(row.wave_sizes):
             self._start_wave(wave + 1)
-            self._assign_pending()
+            self.result.more = self._assign_pending()
         else:
             self._end(Action.COMPLETE, self._summary())
 
@@ -248,38 +268,54 @@ class Reconciler:
         )
 
     def _assign_pending(self) -> bool:
-        """Assign a batch of the started waves' pending devices; True when some remain."""
+        """Assign a batch of the started waves' pending devices; True when some remain.
+
+        The batch is read and written with a few statements in all (not a few per
+        device): its devices are locked in id order, their pins, desired and reported
+        versions read at once, and the new assignments written at once."""
         row = self.row
         waves = range(0, row.current_wave + 1)
         pending = frozenset({DeviceState.PENDING})
         batch = devs.rows(self.s, row.id, pending, waves=waves, limit=self.batch + 1)
-        for rd in sorted(batch[: self.batch], key=lambda r: r.device_id):  # one lock order
-            self._assign(rd)
+        todo = sorted(batch[: self.batch], key=lambda r: r.device_id)  # one lock order
+        if todo:
+            ids = [rd.device_id for rd in todo]
+            revisions = assignments.lock_devices(self.s, ids, self.now)
+            pins = assignments.pins_for(self.s, ids, row.model)
+            current = assignments.desired_for(self.s, ids, row.model)
+            reported = assignments.reported_versions(self.s, ids, row.model)
+            wanted: dict[str, Desired] = {}
+            for rd in todo:
+                d = rd.device_id
+                if self._assign(rd, pins.get(d), current.get(d), reported.get(d)):
+                    assert rd.variant is not None  # planned devices always have one
+                    wanted[d] = Desired(row.version, rd.variant, row.id)
+            assignments.set_desired_many(self.s, row.model, wanted, revisions, self.now)
         return len(batch) > self.batch
 
-    def _assign(self, rd: RolloutDeviceRow) -> None:
-        row, device = self.row, rd.device_id
-        assignments.lock_device(self.s, device, self.now)
-        pin = assignments.pin_of(self.s, device, row.model)
-        current = assignments.desired_of(self.s, device, row.model)
+    def _assign(
+        self,
+        rd: RolloutDeviceRow,
+        pin: assignments.Pin | None,
+        current: Desired | None,
+        reported: str | None,
+    ) -> bool:
+        """Decide one device of the batch; True when it must be assigned this release."""
+        row = self.row
         if pin is not None:
             self._mark_lost(rd, None, pin.version)
-            return
+            return False
         if current is not None and current.rollout_id is not None and current.rollout_id > row.id:
             msg = f"the newer rollout {current.rollout_id} holds this device's {row.model}"
             self._move(rd, DeviceState.SUPERSEDED, Reason.of("superseded", msg))
-            return
+            return False
         if current is not None:
             rd.prev_version, rd.prev_variant = current.version, current.variant
             rd.prev_rollout_id = current.rollout_id
         else:
-            rd.prev_version, rd.prev_variant = self._reported_previous(rd)
-        assert rd.variant is not None  # planned devices always have one
-        assignments.set_desired(
-            self.s, device, row.model, Desired(row.version, rd.variant, row.id), self.now
-        )
+            rd.prev_version, rd.prev_variant = self._reported_previous(rd, reported)
         rd.assigned_at = self.now
-        if assignments.reported_version(self.s, device, row.model) == row.version:
+        if reported == row.version:
             self._move(
                 rd,
                 DeviceState.COMMITTED,
@@ -288,11 +324,13 @@ class Reconciler:
         else:
             self._move(rd, DeviceState.ASSIGNED, None)
         self.result.assigned += 1
+        return True
 
-    def _reported_previous(self, rd: RolloutDeviceRow) -> tuple[str | None, str | None]:
-        """The release the device reports running, when the server has it: what a
-        rollback goes back to when no desired model was recorded before."""
-        version = assignments.reported_version(self.s, rd.device_id, self.row.model)
+    def _reported_previous(
+        self, rd: RolloutDeviceRow, version: str | None
+    ) -> tuple[str | None, str | None]:
+        """The release the device reports running (``version``), when the server has it:
+        what a rollback goes back to when no desired model was recorded before."""
         if version is None or version == self.row.version:
             return None, None
         if version not in self._releases:
@@ -322,6 +360,7 @@ class Reconciler:
         reason = Reason.of("rolled_back", "the rollout was rolled back")
         for rd in sorted(batch[: self.batch], key=lambda r: r.device_id):
             self._revert(rd, reason)
+        self.result.more = len(batch) > self.batch
         if len(batch) <= self.batch:
             self._end(Action.REVERTED, Reason.of("rolled_back", f"{row.model} moved back"))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,7 @@ from fleet_server.store.models import DesiredModelRow, DeviceModelRow, table_of
 from fleet_server.store.rollout_models import DevicePinRow, DeviceRevisionRow
 
 _REVISIONS = table_of(DeviceRevisionRow)
+_DESIRED = table_of(DesiredModelRow)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,102 @@ def lock_device(session: Session, device_id: str, now: datetime) -> int:
     session.execute(mod.insert(_REVISIONS).values(row).on_conflict_do_nothing())
     stmt = select(DeviceRevisionRow.revision).where(DeviceRevisionRow.device_id == device_id)
     return int(session.execute(stmt.with_for_update()).scalar_one())
+
+
+def _dialect(session: Session) -> Any:
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
+def lock_devices(session: Session, device_ids: list[str], now: datetime) -> dict[str, int]:
+    """:func:`lock_device` for many devices at once (locked in id order), their revisions.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: a device does not exist.
+    """
+    ids = sorted(set(device_ids))
+    if not ids:
+        return {}
+    rows = [
+        {"device_id": d, "revision": 0, "published_revision": 0, "updated_at": now} for d in ids
+    ]
+    session.execute(_dialect(session).insert(_REVISIONS).on_conflict_do_nothing(), rows)
+    r = DeviceRevisionRow
+    stmt = select(r.device_id, r.revision).where(r.device_id.in_(ids)).order_by(r.device_id)
+    return {d: int(v) for d, v in session.execute(stmt.with_for_update())}
+
+
+def desired_for(session: Session, device_ids: list[str], model: str) -> dict[str, Desired]:
+    """The desired version of ``model`` of each device that has one."""
+    d = DesiredModelRow
+    stmt = select(d.device_id, d.version, d.variant, d.rollout_id).where(
+        d.model == model, d.device_id.in_(device_ids)
+    )
+    return {dev: Desired(v, var, ro) for dev, v, var, ro in session.execute(stmt)}
+
+
+def pins_for(session: Session, device_ids: list[str], model: str) -> dict[str, Pin]:
+    """The pin of ``model`` of each device that has one."""
+    stmt = select(DevicePinRow).where(
+        DevicePinRow.model == model, DevicePinRow.device_id.in_(device_ids)
+    )
+    return {row.device_id: _pin(row) for row in session.scalars(stmt)}
+
+
+def reported_versions(session: Session, device_ids: list[str], model: str) -> dict[str, str]:
+    """The version of ``model`` each device last said it runs (devices that said one)."""
+    m = DeviceModelRow
+    stmt = select(m.device_id, m.version).where(m.model == model, m.device_id.in_(device_ids))
+    return {dev: v for dev, v in session.execute(stmt) if v is not None}
+
+
+def set_desired_many(
+    session: Session,
+    model: str,
+    desired: dict[str, Desired],
+    revisions: dict[str, int],
+    now: datetime,
+) -> dict[str, int]:
+    """:func:`set_desired` of ``model`` for many devices, in three statements; the caller
+    holds their locks (:func:`lock_devices`, whose result is ``revisions``). Returns each
+    device's new revision.
+
+    Raises:
+        KeyError: a device of ``desired`` was not locked.
+        sqlalchemy errors: the caller's ``Database.write`` translates them.
+    """
+    if not desired:
+        return {}
+    new = {d: revisions[d] + 1 for d in sorted(desired)}
+    session.execute(
+        update(_REVISIONS)
+        .where(_REVISIONS.c.device_id == bindparam("dev"))
+        .values(revision=bindparam("rev"), updated_at=bindparam("now")),
+        [{"dev": d, "rev": rev, "now": now} for d, rev in new.items()],
+    )
+    rows = [
+        {
+            "device_id": d,
+            "model": model,
+            "version": want.version,
+            "variant": want.variant,
+            "rollout_id": want.rollout_id,
+            "revision": new[d],
+            "updated_at": now,
+        }
+        for d, want in sorted(desired.items())
+    ]
+    ins = _dialect(session).insert(_DESIRED)
+    session.execute(
+        ins.on_conflict_do_update(
+            index_elements=[_DESIRED.c.device_id, _DESIRED.c.model],
+            set_={
+                k: ins.excluded[k]
+                for k in ("version", "variant", "rollout_id", "revision", "updated_at")
+            },
+        ),
+        rows,
+    )
+    return new
 
 
 def device_revision(session: Session, device_id: str) -> int:

@@ -84,12 +84,49 @@ def event_count(session: Session, rollout_id: int) -> int:
     return int(session.execute(stmt).scalar_one())
 
 
+@dataclass(frozen=True)
+class EventTally:
+    """One consistent look at a rollout's update events."""
+
+    total: int  # events naming the rollout
+    newest: int  # their highest id (0: none)
+    above: int  # events with an id above the watermark asked about
+
+
+def event_tally(session: Session, rollout_id: int, watermark: int) -> EventTally:
+    """Count the rollout's events, their highest id, and those above ``watermark``, in
+    one statement (one snapshot)."""
+    e = UpdateEventRow
+    stmt = select(
+        func.count(), func.max(e.id), func.sum(case((e.id > watermark, 1), else_=0))
+    ).where(e.rollout_id == str(rollout_id))
+    total, newest, above = session.execute(stmt).one()
+    return EventTally(int(total or 0), int(newest or 0), int(above or 0))
+
+
+def devices_with_events(session: Session, rollout_id: int, after: int, upto: int) -> list[str]:
+    """The devices with an event of this rollout whose id is in ``(after, upto]``."""
+    e = UpdateEventRow
+    stmt = (
+        select(e.device_id)
+        .where(e.rollout_id == str(rollout_id), e.id > after, e.id <= upto)
+        .distinct()
+    )
+    return sorted(session.scalars(stmt))
+
+
 def latest_events(
-    session: Session, rollout_id: int, model: str, version: str | None = None
+    session: Session,
+    rollout_id: int,
+    model: str,
+    version: str | None = None,
+    *,
+    device_ids: list[str] | None = None,
 ) -> list[LatestEvent]:
-    """Per device, the newest event of this rollout and model (of ``version`` only, when
-    given), by the device's timestamp and then arrival: shared subscriptions may deliver
-    one device's events to different replicas, out of order."""
+    """Per device (of ``device_ids`` only, when given), the newest event of this rollout
+    and model (of ``version`` only, when given), by the device's timestamp and then
+    arrival: shared subscriptions may deliver one device's events to different replicas,
+    out of order."""
     e = UpdateEventRow
     rank = (
         func.row_number()
@@ -101,6 +138,8 @@ def latest_events(
     ).where(e.rollout_id == str(rollout_id), e.model == model)
     if version is not None:
         inner = inner.where(e.to_version == version)
+    if device_ids is not None:
+        inner = inner.where(e.device_id.in_(device_ids))
     sub = inner.subquery()
     stmt = select(
         sub.c.id,
@@ -117,19 +156,21 @@ def latest_events(
     ]
 
 
-def first_serving(session: Session, rollout_id: int, version: str) -> dict[str, int]:
-    """Per device, when (epoch seconds, device clock) it first reported serving
-    ``version``: its first ``probation`` or ``committed`` event."""
+def first_serving(
+    session: Session, rollout_id: int, version: str, *, device_ids: list[str] | None = None
+) -> dict[str, int]:
+    """Per device (of ``device_ids`` only, when given), when (epoch seconds, device
+    clock) it first reported serving ``version``: its first ``probation`` or
+    ``committed`` event."""
     e = UpdateEventRow
-    stmt = (
-        select(e.device_id, func.min(e.ts))
-        .where(
-            e.rollout_id == str(rollout_id),
-            e.to_version == version,
-            e.state.in_(("probation", "committed")),
-        )
-        .group_by(e.device_id)
+    stmt = select(e.device_id, func.min(e.ts)).where(
+        e.rollout_id == str(rollout_id),
+        e.to_version == version,
+        e.state.in_(("probation", "committed")),
     )
+    if device_ids is not None:
+        stmt = stmt.where(e.device_id.in_(device_ids))
+    stmt = stmt.group_by(e.device_id)
     return {dev: int(as_utc(ts).timestamp()) for dev, ts in session.execute(stmt)}
 
 

@@ -47,6 +47,8 @@ class RolloutRow(Base):
     wave_started_at: Mapped[datetime | None] = mapped_column(Ts)
     #: How many update events of this rollout were applied (skip a tick's work when equal).
     events_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: The highest update event id applied: a tick reads only the devices with newer ones.
+    events_watermark: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: True once no device of an ended rollout can change state any more.
     settled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Ts)

@@ -121,6 +121,7 @@ def insert_rollout(
         reason=None,
         current_wave=-1,
         events_seen=0,
+        events_watermark=0,
         settled=False,
         created_at=now,
         created_by=actor,

@@ -25,7 +25,7 @@ from fleet_server.store import assignments, audit, releases
 from fleet_server.store import devices as inventory
 from fleet_server.store.engine import Database
 from fleet_server.store.models import DesiredModelRow
-from fleet_server.store.rollout_models import RolloutDeviceRow
+from fleet_server.store.rollout_models import RolloutDeviceRow, RolloutRow
 
 PI5, ORIN = "raspberry-pi-5", "jetson-orin"
 STALE = timedelta(seconds=30)
@@ -249,6 +249,12 @@ class Fleet:
         with self.db.read() as s:
             rows = s.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout))
             return {r.device_id: r.state for r in rows}
+
+    def row_of_rollout(self, rollout: int) -> RolloutRow:
+        with self.db.read() as s:
+            row = s.get(RolloutRow, rollout)
+            assert row is not None
+            return row
 
     def row(self, rollout: int, device: str) -> RolloutDeviceRow:
         with self.db.read() as s:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select
 
 from fleet_server.errors import Conflict
 from fleet_server.rollouts import operations
 from fleet_server.store.engine import Database
+from fleet_server.store.models import UpdateEventRow
 from tests.server.rollout_fleet import Fleet
 
 FAST = {"dwell_s": 3600, "probation_s": 600}
@@ -272,3 +274,40 @@ def test_the_latency_gate_compares_telemetry_before_and_after_the_swap(db: Datab
     assert paused[1].message == "median latency p95 change +200% on 3 devices (> +50%)"
     activated = fleet.row(ro.id, "cam-00").activated_ts
     assert activated == int(fleet.clock().timestamp())
+
+
+def test_an_event_committed_below_the_watermark_is_still_applied(db: Database) -> None:
+    """Ticks read only devices with events above the rollout's watermark; an event whose
+    id is lower but committed later (PostgreSQL sequences, several ingest replicas) is
+    noticed by the count and applied by a full pass."""
+    fleet = Fleet(db)
+    fleet.release("1.2.0")
+    fleet.release("1.3.0")
+    fleet.devices(3)
+    ro = fleet.create(waves="100%", **FAST)
+    engine = fleet.engine()
+    fleet.tick(engine)
+    first, second, third = sorted(fleet.states(ro.id))
+    fleet.update(first, ro.id)
+    fleet.tick(engine)
+    assert fleet.states(ro.id)[first] == "committed"
+    watermark = fleet.row_of_rollout(ro.id).events_watermark
+    assert watermark > 0
+
+    fleet.update(second, ro.id)  # the normal path: only `second` is read
+    fleet.tick(engine)
+    assert fleet.states(ro.id)[second] == "committed"
+
+    # `third`'s whole update lands with ids below the watermark, as a late commit would.
+    fleet.update(third, ro.id)
+    fleet.flush()
+    with db.write() as s:
+        newest = s.scalar(select(func.max(UpdateEventRow.id)))
+        rows = s.scalars(select(UpdateEventRow).where(UpdateEventRow.device_id == third)).all()
+        for i, ev in enumerate(sorted(rows, key=lambda e: e.id)):
+            ev.id = -(len(rows) - i)  # below every id the watermark has passed
+        s.flush()
+        assert newest is not None
+    report = fleet.tick(engine)
+    assert fleet.states(ro.id)[third] == "committed"
+    assert report.ended == [(ro.id, "completed")]
