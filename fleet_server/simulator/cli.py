@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the simulator; returns the exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # enrolment: a line per request
     try:
         settings = settings_from(args, dict(os.environ))
         raise_open_files(settings)
