@@ -58,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Apply pending migrations and serve the API (and the ingest, with --mqtt-url)."""
     import uvicorn
 
-    from fleet_server.server import build_app
+    from fleet_server.server import build_app, build_services, prepare
+    from fleet_server.workers import LOG_LEVEL_ENV, SETTINGS_ENV
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,8 +70,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         mqtt={"url": args.mqtt_url} if args.mqtt_url else None,
     )
-    app = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+    level = args.log_level.lower()
+    if args.workers <= 1:
+        app = build_app(settings)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=level)
+        return 0
+    if args.workers > 64:
+        raise ValidationError(f"--workers {args.workers}: at most 64")
+    services = build_services(settings)
+    try:
+        prepare(services)  # once, before the workers start
+    finally:
+        services.releases.validator.close()
+        services.db.dispose()
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    os.environ[LOG_LEVEL_ENV] = level
+    uvicorn.run(
+        "fleet_server.server:app_from_env",
+        factory=True,
+        workers=args.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=level,
+    )
     return 0
 
 
@@ -189,6 +211,12 @@ def register(sub: Any, common: argparse.ArgumentParser, duration: Any) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8080)")
     p.add_argument("--mqtt-url", default=None, help="broker to ingest from (mqtt://host:1883)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on this host (one runs the ingest and rollout engine)",
+    )
     p.set_defaults(func=cmd_serve)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)

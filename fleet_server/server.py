@@ -10,6 +10,7 @@ the signing upkeep, and is what the app's lifespan starts and stops.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from fleet_server.store import migrate
 from fleet_server.store.engine import Database
 from fleet_server.store.timeseries import downsample
 from fleet_server.validation import Validator
+from fleet_server.workers import LOG_LEVEL_ENV, BackgroundLease, LeasedRunner, settings_from_env
 
 log = logging.getLogger("fleet_server")
 
@@ -191,9 +193,26 @@ class Background:
         self.services.releases.validator.close()
 
 
+def prepare(services: Services) -> None:
+    """What a server does once before serving: apply the migrations and publish the CRL
+    (a broker started after the server finds a fresh one).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached to migrate it.
+        ConfigError: the CRL cannot be written to ``ca.crl_file``.
+    """
+    before, after = migrate.upgrade(services.db)
+    if before != after:
+        log.info("database migrated from %s to %s", before or "empty", after)
+    if services.revocations is not None:
+        services.revocations.publish()
+
+
 def build_app(settings: ServerSettings, *, apply_migrations: bool = True) -> FastAPI:
-    """The full server app: migrations applied, the CRL published, background work tied
-    to the lifespan.
+    """The full server app: migrations applied and the CRL published (unless
+    ``apply_migrations`` is False: ``serve --workers`` did both in the parent), background
+    work tied to the lifespan in the one process that holds the data dir's background
+    lease (:mod:`fleet_server.workers`).
 
     Raises:
         StoreUnavailable: the database cannot be reached to migrate it.
@@ -202,22 +221,33 @@ def build_app(settings: ServerSettings, *, apply_migrations: bool = True) -> Fas
     """
     services = build_services(settings)
     if apply_migrations:
-        before, after = migrate.upgrade(services.db)
-        if before != after:
-            log.info("database migrated from %s to %s", before or "empty", after)
-    if services.revocations is not None:
-        services.revocations.publish()  # a broker started after the server finds a fresh CRL
+        prepare(services)
     background = Background(services)
+    runner = LeasedRunner(
+        BackgroundLease(settings.data_dir / "background.lock"), background.start, background.stop
+    )
+    services.background_here = lambda: runner.running
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        background.start()
+        runner.start()
         try:
             yield
         finally:
-            background.stop()
+            runner.stop()
             services.db.dispose()
 
     app = create_app(services, lifespan=lifespan)
     mount_dashboard(app)  # the dashboard's pages at /
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one ``serve --workers`` worker (uvicorn's factory).
+
+    Raises:
+        KeyError: not started by ``edge-fleet serve --workers``.
+    """
+    level = os.environ.get(LOG_LEVEL_ENV, "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return build_app(settings_from_env(), apply_migrations=False)

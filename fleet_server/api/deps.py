@@ -34,6 +34,9 @@ class Services:
     repositories: Repositories | None = None
     #: Certificate revocation and the broker's CRL (None until ``edge-fleet ca init``).
     revocations: Revocations | None = None
+    #: Whether this process runs the background work (ingest, rollout engine): with
+    #: ``serve --workers N`` only one process does (see :mod:`fleet_server.workers`).
+    background_here: Callable[[], bool] = lambda: True
 
     @property
     def stale_after(self) -> timedelta:

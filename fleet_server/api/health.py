@@ -33,9 +33,13 @@ def readyz(svc: ServicesDep) -> dict[str, str] | JSONResponse:
 
 @router.get("/api/v1/health", summary="Server health")
 def health(svc: ServicesDep, _: Viewer) -> dict[str, Any]:
-    """Version, database dialect and schema revision, and the ingest counters."""
+    """Version, database dialect and schema revision, and the ingest counters (of the
+    process that answers: with ``serve --workers N`` one process runs the ingest, and
+    ``background`` says whether it is this one)."""
+    here = svc.background_here()
     return {
         "version": fleet_server.__version__,
         "database": {"dialect": svc.db.dialect, "revision": migrate.current(svc.db)},
-        "ingest": svc.ingest.stats.snapshot() if svc.ingest is not None else None,
+        "background": "this process" if here else "another process",
+        "ingest": svc.ingest.stats.snapshot() if svc.ingest is not None and here else None,
     }
