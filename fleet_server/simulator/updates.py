@@ -70,6 +70,10 @@ class Updates:
         self._roots_lock = asyncio.Lock()
         self._pool = ThreadPoolExecutor(settings.http_concurrency, "sim-http")
         self._slots = asyncio.Semaphore(settings.http_concurrency)
+        # Downloads have workers of their own: a device that verified its update does
+        # not wait behind thousands of other devices' checks (real devices are independent).
+        self._download_pool = ThreadPoolExecutor(settings.http_concurrency, "sim-download")
+        self._download_slots = asyncio.Semaphore(settings.http_concurrency)
         self._wanted: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._last_check: dict[str, float] = {}
@@ -110,6 +114,11 @@ class Updates:
         async with self._slots:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def _download(self, url: str) -> bytes:
+        async with self._download_slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._download_pool, self.fetcher.download, url)
 
     # --- one check --------------------------------------------------------------------
 
@@ -198,7 +207,7 @@ class Updates:
             file = target.path.rsplit("/", 1)[1]
             url = f"{self.settings.server_url}/tuf/image/targets/{folder}/{sha}.{file}"
             try:
-                data = await self._in_pool(self.fetcher.download, url)
+                data = await self._download(url)
                 event("verifying")
                 await self._step()
                 target.verify(data)
@@ -241,3 +250,4 @@ class Updates:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._download_pool.shutdown(wait=True, cancel_futures=True)
