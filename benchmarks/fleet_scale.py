@@ -3,7 +3,8 @@
 
 For each size, from scratch (a fresh Mosquitto, data dir and ``edge-fleet serve``, all on
 127.0.0.1), with ``scripts/simulate-fleet`` holding every device on its own MQTT
-connection (auto-registered by the ingest), telemetry every ``--interval`` seconds:
+connection (auto-registered by the ingest; ``--sim-processes K`` splits the devices over K
+simulator processes), telemetry every ``--interval`` seconds:
 
 1. **connect**: seconds until the server has every device ``online``;
 2. **steady state** over ``--steady`` seconds: CPU (% of one core) and RSS of the server,
@@ -19,6 +20,8 @@ connection (auto-registered by the ingest), telemetry every ``--interval`` secon
 
     benchmarks/fleet_scale.py [--sizes 1000,5000,10000] [--interval 10] [--steady 60]
                               [--rollout-timeout 240] [--database-url URL]
+                              [--sim-processes 1] [--http-concurrency 8]
+                              [--server-workers 1]
 
 Everything shares this machine's cores: the simulator and the broker compete with the
 server for them, so the figures are a lower bound for a server host of its own.
@@ -111,23 +114,27 @@ def cli(*argv: str, env: dict[str, str] | None = None) -> str:
 
 
 class Sampler:
-    """CPU (% of one core) and peak RSS of some processes over a window."""
+    """CPU (% of one core) and peak RSS of some processes over a window (summed over the
+    processes of one role, e.g. several simulators)."""
 
-    def __init__(self, procs: dict[str, psutil.Process]) -> None:
-        self.procs = procs
+    def __init__(self, procs: dict[str, psutil.Process | list[psutil.Process]]) -> None:
+        self.procs = {k: p if isinstance(p, list) else [p] for k, p in procs.items()}
         self.rss: dict[str, int] = dict.fromkeys(procs, 0)
-        self._cpu0 = {k: self._cpu(p) for k, p in procs.items()}
+        self._cpu0 = {k: self._cpu(p) for k, p in self.procs.items()}
         self._t0 = time.monotonic()
 
     @staticmethod
-    def _cpu(p: psutil.Process) -> float:
-        t = p.cpu_times()
-        return float(t.user + t.system)
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in procs:
+            t = p.cpu_times()
+            total += float(t.user + t.system)
+        return total
 
     def sample(self) -> None:
-        for k, p in self.procs.items():
+        for k, procs in self.procs.items():
             with contextlib.suppress(psutil.Error):
-                self.rss[k] = max(self.rss[k], p.memory_info().rss)
+                self.rss[k] = max(self.rss[k], sum(p.memory_info().rss for p in procs))
 
     def cpu_percent(self) -> dict[str, float]:
         span = time.monotonic() - self._t0
@@ -269,7 +276,12 @@ def count_online(engine: Any) -> int:
         return int(conn.execute(q, {"p": f"{PREFIX}-%"}).scalar() or 0)
 
 
-def rollout(api: httpx.Client, n: int, timeout: float, sim_stats: Path) -> dict[str, Any]:
+def http_requests(sim_stats: list[Path]) -> int:
+    """HTTP requests the simulators sent so far."""
+    return sum(int(json.loads(f.read_text()).get("http_requests", 0)) for f in sim_stats)
+
+
+def rollout(api: httpx.Client, n: int, timeout: float, sim_stats: list[Path]) -> dict[str, Any]:
     spec = {
         "model": "face",
         "version": "1.1.0",
@@ -278,7 +290,7 @@ def rollout(api: httpx.Client, n: int, timeout: float, sim_stats: Path) -> dict[
         "probation_s": 600,
         "dwell_s": 3600,
     }
-    http0 = json.loads(sim_stats.read_text()).get("http_requests", 0)
+    http0 = http_requests(sim_stats)
     t0 = time.monotonic()
     r = api.post("/api/v1/rollouts", json=spec)
     r.raise_for_status()
@@ -302,7 +314,7 @@ def rollout(api: httpx.Client, n: int, timeout: float, sim_stats: Path) -> dict[
             break
         time.sleep(1.0)
     took = time.monotonic() - t0
-    http = json.loads(sim_stats.read_text()).get("http_requests", 0) - http0
+    http = http_requests(sim_stats) - http0
     return {
         "rollout_create_s": round(created, 2),
         "rollout_state": state,
@@ -348,6 +360,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> Result:
     ]
     if args.database_url:
         serve += ["--database-url", args.database_url]
+    if args.server_workers > 1:
+        serve += ["--workers", str(args.server_workers)]
     with (
         process(
             ["/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")], work / "mosquitto.log"
@@ -369,41 +383,64 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> Result:
         for version in ("1.0.0", "1.1.0"):
             bundle = bundles("face", version, manifest_extra=profiles)
             cli("model", "push", str(bundle), "--version", version, env=env)
-        stats = work / "sim-stats.json"
-        sim = [
-            str(REPO / "scripts" / "simulate-fleet"),
-            "--server",
-            url,
-            "--mqtt",
-            f"mqtt://127.0.0.1:{mqtt_port}",
-            "--devices",
-            str(n),
-            "--id-prefix",
-            PREFIX,
-            "--interval",
-            str(args.interval),
-            "--poll-interval",
-            "0",
-            "--no-initial-check",
-            "--connect-rate",
-            "1000",
-            "--probation",
-            "0",
-            "--step-time",
-            "0",
-            "--model",
-            "face@1.0.0",
-            "--http-concurrency",
-            str(args.http_concurrency),
-            "--summary-interval",
-            "5",
-            "--stats-file",
-            str(stats),
-            "--state-dir",
-            str(work / "sim-state"),
-        ]
+        # The simulated devices' TUF metadata (a dozen files each, rewritten on every
+        # check): on tmpfs when there is one, so the simulator's own disk syscalls and
+        # fsyncs do not take CPU from the server it measures.
+        shm = Path("/dev/shm")
+        sim_state = (
+            Path(tempfile.mkdtemp(prefix="fleet-sim-", dir=shm))
+            if shm.is_dir() and os.access(shm, os.W_OK)
+            else work / "sim-state"
+        )
+        k = max(1, min(args.sim_processes, n))
+        shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        stats = [work / f"sim-stats-{i}.json" for i in range(k)]
+        sims = []
+        for i, share in enumerate(shares):
+            sims.append(
+                [
+                    str(REPO / "scripts" / "simulate-fleet"),
+                    "--server",
+                    url,
+                    "--mqtt",
+                    f"mqtt://127.0.0.1:{mqtt_port}",
+                    "--devices",
+                    str(share),
+                    "--first-index",
+                    str(sum(shares[:i])),
+                    "--id-prefix",
+                    PREFIX,
+                    "--interval",
+                    str(args.interval),
+                    "--poll-interval",
+                    "0",
+                    "--no-initial-check",
+                    "--connect-rate",
+                    str(1000 / k),
+                    "--probation",
+                    "0",
+                    "--step-time",
+                    "0",
+                    "--model",
+                    "face@1.0.0",
+                    "--http-concurrency",
+                    str(args.http_concurrency),
+                    "--summary-interval",
+                    "5",
+                    "--stats-file",
+                    str(stats[i]),
+                    "--state-dir",
+                    str(sim_state / str(i)),
+                    "--seed",
+                    str(i),
+                ]
+            )
         engine = create_engine(db_url)
-        with process(sim, work / "simulator.log", signal.SIGINT) as simulator:
+        with contextlib.ExitStack() as running:
+            simulator = [
+                running.enter_context(process(argv, work / f"simulator-{i}.log", signal.SIGINT))
+                for i, argv in enumerate(sims)
+            ]
             t0 = time.monotonic()
             while count_online(engine) < n:
                 if time.monotonic() - t0 > 300:
@@ -414,7 +451,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> Result:
 
             probe = LagProbe(mqtt_port, db_url)
             probe.register()
-            procs = {"server": server, "broker": broker, "simulator": simulator}
+            servers = [server, *server.children(recursive=True)]  # with --server-workers
+            procs = {"server": servers, "broker": broker, "simulator": simulator}
             sampler = Sampler(procs)
             rows0, t_rows = _rows(engine), time.monotonic()
             done = threading.Event()
@@ -451,12 +489,12 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> Result:
             with httpx.Client(
                 base_url=url, timeout=120, headers={"Authorization": f"Bearer {token[0]}"}
             ) as api:
-                rsampler = Sampler({"server": server, "simulator": simulator})
+                rsampler = Sampler({"server": servers, "simulator": simulator})
                 res.figures |= rollout(api, n, args.rollout_timeout, stats)
                 res.figures["rollout_cpu_pct"] = {
                     k: round(v, 1) for k, v in rsampler.cpu_percent().items()
                 }
-                health = api.get("/api/v1/health").json().get("ingest", {})
+                health = ingest_health(url, token[0])
                 res.figures["ingest"] = {
                     k: health.get(k)
                     for k in (
@@ -469,7 +507,22 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> Result:
                     )
                 }
         engine.dispose()
+        if sim_state.parent == Path("/dev/shm"):
+            shutil.rmtree(sim_state, ignore_errors=True)
     return res
+
+
+def ingest_health(url: str, token: str) -> dict[str, Any]:
+    """The ingest counters from ``/api/v1/health`` of the process running the ingest
+    (with ``--server-workers``, new connections until one lands there)."""
+    for _ in range(50):
+        r = httpx.get(
+            f"{url}/api/v1/health", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+        ingest = r.json().get("ingest")
+        if ingest is not None:
+            return dict(ingest)
+    return {}
 
 
 def _rows(engine: Any) -> int:
@@ -517,6 +570,12 @@ def main() -> int:
     parser.add_argument("--rollout-timeout", type=float, default=240.0)
     parser.add_argument("--database-url", help="default: SQLite in each run's data dir")
     parser.add_argument("--http-concurrency", type=int, default=8, help="simulator workers")
+    parser.add_argument(
+        "--sim-processes", type=int, default=1, help="simulator processes sharing the devices"
+    )
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="edge-fleet serve --workers N"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
